@@ -1,40 +1,328 @@
-"""Command-line interface: ``captum-normgrad``."""
+r"""Command-line interface: ``captum-normgrad``.
+
+Subcommands are self-contained: each has a ``register_<name>(subparsers)`` function that adds its
+parser and sets ``func`` to a handler ``(args) -> exit code``. To add one, write such a function
+(import heavy modules inside the handler, so ``--help`` stays fast) and append it to
+:data:`SUBCOMMANDS`. Handlers report user errors by raising ``ValueError`` (or
+:class:`captum_normgrad.io.CLIInputError`), ``FileNotFoundError``, ``TypeError`` or ``OSError``
+with a message naming the problem and the fix: :func:`main` prints it as one line on stderr and
+returns a non-zero exit code, never a traceback (set ``CAPTUM_NORMGRAD_DEBUG=1`` to see one).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, NoReturn, Optional
+
+PROG = "captum-normgrad"
+
+#: Exit codes: 0 success, 1 a run-time problem with the inputs, 2 bad command-line usage.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose usage errors are one line (plus a pointer to ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks; shows defaults that are not None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _comma_list(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        required=required,
+        help="a torchvision classification model name (resnet50, vgg16, vit_b_16, ...) or your own "
+        "builder as package.module:callable or path/to/file.py:callable",
+    )
+    g.add_argument(
+        "--weights",
+        default=None,
+        help="DEFAULT or a torchvision weights name of the model (e.g. IMAGENET1K_V2; downloaded once "
+        "into the torch hub cache), or a state-dict file (.pt, .pth, .safetensors). Random init when omitted",
+    )
+    g.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="outputs of the classifier, for a retrained head (default: the model's own)")
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="resize the shorter side to N and centre-crop N x N instead of the weights' "
+                   "preprocessing sizes (default: the weights' transforms(), e.g. 256 -> 224)")
+    g.add_argument("--no-normalize", action="store_true",
+                   help="do not apply the mean/std normalisation (models trained on [0, 1] inputs)")
+
+
+# --------------------------------------------------------------------------- demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out))
+    summary = run_demo(Path(args.out), progress=not args.quiet)
     print(summary)
-    return 0
+    return EXIT_OK
+
+
+def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad demo``: the Figure-1-style grid on the built-in benchmark."""
+    p = sub.add_parser(
+        "demo",
+        help="Figure-1-style grid on a built-in model and a generated two-object image",
+        description=(
+            "Explain a built-in benchmark model on a generated image with two objects of different\n"
+            "classes, with Grad-CAM, NormGrad order 0, order 1 and the adversarial order-1 map at\n"
+            "several depths (the NormGrad paper's Figure 1). Writes figure.png (the grid), the raw\n"
+            "maps (maps.pt), summary.txt and summary.json (share of each map's energy on each object)\n"
+            "into --out. No download; runs in seconds on a CPU."
+        ),
+        epilog="example:\n  captum-normgrad demo --out out/demo",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    # Cheap checks first (no torch import): missing files fail in a blink.
+    from .io import find_images
+
+    items = find_images(args.images, recursive=not args.no_recursive)
+
+    from .explain import METHODS, explain_files, resolve_device
+    from .io import CLIInputError, get_layer, load_model
+
+    methods = [m for v in (args.method or ["normgrad"]) for m in _comma_list(v)]
+    for m in methods:
+        if m not in METHODS:
+            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    layer_names = [n for v in args.layer for n in _comma_list(v)]
+    formats = _comma_list(args.save)
+    device = resolve_device(args.device)
+    loaded = load_model(
+        args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
+        normalize=not args.no_normalize,
+    )
+    layers = {name: get_layer(loaded.model, name) for name in layer_names}
+    if not loaded.pretrained and not args.quiet:
+        print(f"{PROG}: note: {loaded.description}: maps of an untrained model carry little meaning "
+              "(pass --weights)", file=sys.stderr)
+    options = {"epsilon": args.epsilon, "hessian": args.hessian,
+               "virtual_layer": args.virtual_layer, "aggregation": args.aggregation}
+    report = explain_files(
+        items, loaded, layers, methods, args.out, target=args.target, batch_size=args.batch_size,
+        device=device, formats=formats, options=options, progress=not args.quiet,
+        skip_unreadable=args.skip_unreadable,
+    )
+    per_img = report.seconds / max(report.n_images, 1)
+    print(
+        f"explained {report.n_images} image(s) x {len(methods)} method(s) x {len(layers)} layer(s) "
+        f"with {loaded.description} on {device} in {report.seconds:.1f} s ({per_img:.2f} s/image); "
+        f"{len(report.files)} files in {args.out} (index: {Path(args.out) / 'index.json'})"
+    )
+    for path, reason in report.skipped:
+        print(f"{PROG}: warning: skipped {reason}", file=sys.stderr)
+    return EXIT_OK
+
+
+def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad explain``: saliency maps for image files with any classification model."""
+    from .explain import METHODS
+
+    method_help = "".join(f"  {m.name:<20} {m.summary}\n" for m in METHODS.values())
+    p = sub.add_parser(
+        "explain",
+        help="saliency maps for image files or folders with any torchvision (or your own) model",
+        description=(
+            "Explain images with a classification model: for every image, method and layer, write\n"
+            "IMAGE__METHOD__LAYER.png (the map over the preprocessed image), the raw map at the\n"
+            "layer's resolution as .npy and/or .pt, and index.json (targets, predictions, files).\n"
+            "Images are read with PIL and preprocessed with the weights' own transforms().\n\n"
+            "methods:\n" + method_help
+        ),
+        epilog=(
+            "examples:\n"
+            "  captum-normgrad explain photos/ --model resnet50 --weights DEFAULT --layer layer3 --out maps\n"
+            "  captum-normgrad explain a.jpg b.jpg --model vgg16 --weights vgg16.pth --layer features.22 \\\n"
+            "      --method normgrad,normgrad1,gradcam --target 281 --save png,pt --out maps\n"
+            "  captum-normgrad explain imgs/ --model mypkg.nets:build_net --weights net.pt --layer block2 --out maps\n"
+            "  captum-normgrad layers --model resnet50      # the layer names to choose from"
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    _add_model_args(p)
+    g = p.add_argument_group("explanation")
+    g.add_argument("--layer", action="append", required=True, metavar="NAME[,NAME...]",
+                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate); "
+                   "see `captum-normgrad layers --model ...`")
+    g.add_argument("--method", action="append", default=None, metavar="METHOD[,METHOD...]",
+                   help="method(s) among those listed above (repeat or comma-separate); default: normgrad")
+    g.add_argument("--target", default="pred",
+                   help="class to explain: pred (each image's predicted class), a class index, or a class "
+                   "name of the weights (e.g. 'tabby cat')")
+    g.add_argument("--epsilon", type=float, default=None,
+                   help="inner SGD step of the order-1 methods (default: the method's, 5e-4)")
+    g.add_argument("--hessian", choices=["finite_difference", "exact", "none"], default=None,
+                   help="Hessian term of normgrad1/normgrad1-adv (default: finite_difference)")
+    g.add_argument("--virtual-layer", choices=["conv1x1", "scaling", "bias", "conv3x3"], default=None,
+                   help="virtual layer of the NormGrad methods (default: the method's)")
+    g.add_argument("--aggregation", choices=["norm", "filter_norm", "sum", "max"], default=None,
+                   help="aggregation of the NormGrad methods (default: the method's)")
+    o = p.add_argument_group("output and running")
+    o.add_argument("--out", required=True, help="output folder (created)")
+    o.add_argument("--save", default="png,npy", metavar="FORMATS",
+                   help="comma-separated among png (overlay), npy, pt (raw maps)")
+    o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    o.add_argument("--batch-size", type=_positive_int, default=8, help="images per pass")
+    o.add_argument("--no-recursive", action="store_true", help="do not look into sub-folders")
+    o.add_argument("--skip-unreadable", action="store_true",
+                   help="skip images that do not decode (listed as warnings and in index.json) instead of stopping")
+    o.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    p.set_defaults(func=_cmd_explain)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import layer_names, load_model
+
+    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                        image_size=args.image_size, normalize=not args.no_normalize)
+    model = loaded.model
+    shapes = {}
+    if not args.no_shapes:
+        size = args.image_size or loaded.preprocess.crop_size[0]
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o))
+                 for n, m in model.named_modules() if n]
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+        finally:
+            for h in hooks:
+                h.remove()
+    for name in layer_names(model):
+        mod = dict(model.named_modules())[name]
+        out = shapes.get(name)
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ("-" if out is None else type(out).__name__)
+        print(f"{name}\t{type(mod).__name__}\t{shape}" if not args.no_shapes else f"{name}\t{type(mod).__name__}")
+    return EXIT_OK
+
+
+def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad layers``: the layer names of a model, with output shapes."""
+    p = sub.add_parser(
+        "layers",
+        help="list a model's layer names (for --layer) with their output shapes",
+        description="Print every submodule of the model as NAME<tab>TYPE<tab>OUTPUT SHAPE (one forward pass "
+        "on a blank image of the preprocessing size).",
+        epilog="example:\n  captum-normgrad layers --model resnet50 | grep -v '\\.'",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--no-shapes", action="store_true", help="skip the forward pass; names and types only")
+    p.set_defaults(func=_cmd_layers)
+
+
+#: Subcommands, in ``--help`` order. Add yours here (see the module docstring).
+SUBCOMMANDS: List[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
+    register_demo,
+    register_explain,
+    register_layers,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="captum-normgrad",
+    """The ``captum-normgrad`` parser with every subcommand of :data:`SUBCOMMANDS`."""
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG,
         description="NormGrad saliency maps (and relatives) for PyTorch models, built on Captum.",
+        epilog=(
+            "run `captum-normgrad COMMAND --help` for a command's options.\n"
+            "examples:\n"
+            "  captum-normgrad demo --out out/demo\n"
+            "  captum-normgrad explain photos/ --model resnet50 --weights DEFAULT --layer layer3 --out maps"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="explain a built-in model on a generated image and write a figure")
-    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    demo.set_defaults(func=_cmd_demo)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for register in SUBCOMMANDS:
+        register(sub)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and not str(exc).startswith("no such"):
+        msg = f"no such file or folder: {exc.filename!r}"
+    return msg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``captum-normgrad`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args))
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    debug = bool(os.environ.get("CAPTUM_NORMGRAD_DEBUG"))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, LookupError) as e:
+        if debug:
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # an unexpected failure: still one line, the traceback on demand
+        if debug:
+            raise
+        print(
+            f"{PROG} {args.command}: error: {type(e).__name__}: {_one_line(e)} "
+            "(set CAPTUM_NORMGRAD_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

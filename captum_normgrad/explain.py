@@ -1,0 +1,367 @@
+r"""Explain image files with a classification model: the engine behind ``captum-normgrad explain``.
+
+Two parts:
+
+* :data:`METHODS`, a registry of the saliency methods the command line offers, each a function
+  ``(model, layers, inputs, targets, options) -> list of (N, 1, h, w) maps`` (one per layer). It is
+  pure computation (no files, no printing) and can be reused by other front ends.
+* :func:`explain_files`, which loads images in batches, computes every method at every layer and
+  writes overlaid PNGs and raw ``.npy`` / ``.pt`` maps plus an ``index.json``.
+
+Examples::
+
+    >>> from captum_normgrad.io import find_images, load_model, get_layer
+    >>> loaded = load_model("resnet18", image_size=64)
+    >>> report = explain_files(find_images(["photos/"]), loaded,
+    ...                        {"layer3": get_layer(loaded.model, "layer3")},
+    ...                        ["normgrad", "gradcam"], out="explanations")
+    >>> report.n_images
+    12
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .io import CLIInputError, ImageItem, LoadedModel, load_image, save_map, save_overlay
+
+__all__ = ["MethodSpec", "METHODS", "method_names", "compute_maps", "resolve_device", "ExplainReport", "explain_files"]
+
+ComputeFn = Callable[[nn.Module, List[nn.Module], Tensor, Tensor, Dict[str, Any]], List[Tensor]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A saliency method offered by name.
+
+    Attributes:
+        name (str): the name used on the command line.
+        summary (str): one line for ``--help``.
+        compute (Callable): ``(model, layers, inputs, targets, options) -> maps``, one
+                    ``(N, 1, *locations)`` map per layer.
+    """
+
+    name: str
+    summary: str
+    compute: ComputeFn
+
+
+def _order0(default_vl: str, default_agg: str) -> ComputeFn:
+    def compute(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
+        from .normgrad import LayerNormGrad
+
+        out = LayerNormGrad(model, list(layers)).attribute(
+            x,
+            target=t,
+            virtual_layer=opts.get("virtual_layer") or default_vl,
+            aggregation=opts.get("aggregation") or default_agg,
+        )
+        return list(out)
+
+    return compute
+
+
+def _order1(adversarial: bool, default_hessian: str) -> ComputeFn:
+    def compute(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
+        try:
+            from .normgrad_order1 import LayerNormGradOrder1
+        except ImportError:
+            raise CLIInputError(
+                "the order-1 methods need captum_normgrad.normgrad_order1, which this installation lacks"
+            ) from None
+        kwargs: Dict[str, Any] = {"adversarial": adversarial, "hessian": opts.get("hessian") or default_hessian}
+        for key in ("epsilon", "virtual_layer", "aggregation"):
+            if opts.get(key) is not None:
+                kwargs[key] = opts[key]
+        return list(LayerNormGradOrder1(model, list(layers)).attribute(x, target=t, **kwargs))
+
+    return compute
+
+
+def _gradcam(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
+    from captum.attr import LayerGradCam
+
+    return [LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True) for layer in layers]
+
+
+def _gradxact(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
+    from captum.attr import LayerGradientXActivation
+
+    maps = []
+    for layer in layers:
+        a = LayerGradientXActivation(model, layer).attribute(x, target=t)
+        maps.append(a.sum(1, keepdim=True) if isinstance(a, Tensor) else a)
+    return maps
+
+
+METHODS: Dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        MethodSpec("normgrad", "NormGrad order 0: ||x_u|| * ||g_u|| (1x1 identity trick)", _order0("conv1x1", "norm")),
+        MethodSpec("normgrad-selective", "NormGrad selective: scaling virtual layer, filter_norm aggregation",
+                   _order0("scaling", "filter_norm")),
+        MethodSpec("normgrad1", "NormGrad order 1: training-specific map after one inner SGD step",
+                   _order1(False, "finite_difference")),
+        MethodSpec("normgrad1-adv", "NormGrad order 1, adversarial step: locations that degrade the model",
+                   _order1(True, "finite_difference")),
+        MethodSpec("normgrad1-lookahead", "order 0 on the weights after one SGD step (no Hessian term)",
+                   _order1(False, "none")),
+        MethodSpec("gradcam", "Grad-CAM (captum LayerGradCam, ReLU applied)", _gradcam),
+        MethodSpec("gradxact", "gradient x activation summed over channels (captum LayerGradientXActivation)",
+                   _gradxact),
+    ]
+}
+
+
+def method_names() -> List[str]:
+    """The names in :data:`METHODS`, in registry order."""
+    return list(METHODS)
+
+
+def compute_maps(
+    method: str,
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    inputs: Tensor,
+    targets: Tensor,
+    options: Optional[Dict[str, Any]] = None,
+) -> List[Tensor]:
+    r"""Maps of one registered method at several layers.
+
+    Args:
+        method (str): a name in :data:`METHODS`.
+        model (nn.Module): the model (not modified).
+        layers (sequence of nn.Module): layers of ``model``.
+        inputs (Tensor): ``(N, C, H, W)`` preprocessed inputs.
+        targets (Tensor): ``(N,)`` class indices.
+        options (dict, optional): ``virtual_layer``, ``aggregation`` (NormGrad methods),
+                    ``epsilon``, ``hessian`` (order-1 methods). Default: None
+
+    Returns:
+        list[Tensor]: one detached ``(N, 1, h, w)`` map per layer.
+
+    Raises:
+        CLIInputError: unknown method, or a layer whose output has no spatial locations.
+    """
+    if method not in METHODS:
+        raise CLIInputError(f"unknown method {method!r}; choose among {', '.join(METHODS)}")
+    maps = METHODS[method].compute(model, list(layers), inputs, targets, dict(options or {}))
+    out = []
+    for m in maps:
+        if isinstance(m, tuple):
+            raise CLIInputError(f"{method}: a layer returns several tensors; choose a layer with a single output")
+        if m.dim() != 4:
+            raise CLIInputError(
+                f"{method} gives maps of shape {tuple(m.shape)}: choose a layer whose output is an image-like "
+                "(N, C, H, W) tensor (e.g. a convolutional block, not the classifier)"
+            )
+        out.append(m.detach())
+    return out
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CLIInputError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIInputError(f"device {spec!r} requested but CUDA is not available here: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIInputError(f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise CLIInputError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+@dataclass
+class ExplainReport:
+    """What :func:`explain_files` did.
+
+    Attributes:
+        n_images (int): images explained.
+        files (list[Path]): every file written (maps, overlays, the index).
+        rows (list[dict]): one record per image (path, target, prediction, files).
+        skipped (list[tuple[str, str]]): unreadable images skipped, with the reason.
+        seconds (float): wall time.
+    """
+
+    n_images: int = 0
+    files: List[Path] = field(default_factory=list)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _parse_target(target: Union[str, int], categories: Optional[List[str]], n_out: int) -> Optional[int]:
+    """``"pred"`` -> None; an int or a category name -> its index (validated)."""
+    if isinstance(target, int) or (isinstance(target, str) and target.lstrip("-").isdigit()):
+        idx = int(target)
+        if not 0 <= idx < n_out:
+            raise CLIInputError(f"--target {idx} is out of range: the model has {n_out} outputs (0..{n_out - 1})")
+        return idx
+    if target == "pred":
+        return None
+    if categories:
+        low = [c.lower() for c in categories]
+        if target.lower() in low:
+            return low.index(target.lower())
+        raise CLIInputError(f"--target {target!r} is not a class name of these weights; give a class index or pred")
+    raise CLIInputError(f"--target {target!r}: give a class index, or pred (class names need named weights)")
+
+
+def explain_files(
+    items: Sequence[ImageItem],
+    loaded: LoadedModel,
+    layers: Dict[str, nn.Module],
+    methods: Sequence[str],
+    out: Union[str, Path],
+    target: Union[str, int] = "pred",
+    batch_size: int = 8,
+    device: Union[str, torch.device] = "cpu",
+    formats: Sequence[str] = ("png", "npy"),
+    options: Optional[Dict[str, Any]] = None,
+    progress: bool = True,
+    skip_unreadable: bool = False,
+    alpha: float = 0.5,
+) -> ExplainReport:
+    r"""Explain image files and write the results under ``out``.
+
+    For every image, method and layer it writes ``{image}__{method}__{layer}.png`` (the map,
+    upsampled and min-max normalised, over the preprocessed image), ``.npy`` and/or ``.pt`` (the raw
+    map at the layer's resolution, float32, shape ``(h, w)``), and finally ``index.json`` with one
+    record per image (path, target, predicted class and probabilities, files).
+
+    Args:
+        items (sequence of ImageItem): from :func:`captum_normgrad.io.find_images`.
+        loaded (LoadedModel): from :func:`captum_normgrad.io.load_model`.
+        layers (dict[str, nn.Module]): name -> layer of ``loaded.model``.
+        methods (sequence of str): names in :data:`METHODS`.
+        out (str or Path): output folder (created).
+        target (str or int, optional): ``"pred"`` (each image's predicted class), a class index
+                    or a class name of the weights. Default: ``"pred"``
+        batch_size (int, optional): images per forward/backward pass. Default: 8
+        device (str or torch.device, optional): where to compute. Default: ``"cpu"``
+        formats (sequence of str, optional): among ``"png"``, ``"npy"``, ``"pt"``.
+                    Default: ``("png", "npy")``
+        options (dict, optional): method options, see :func:`compute_maps`. Default: None
+        progress (bool, optional): show a tqdm progress bar on stderr. Default: True
+        skip_unreadable (bool, optional): skip images that do not decode (listed in the report)
+                    instead of stopping with :class:`~captum_normgrad.io.CLIInputError`. Default: False
+        alpha (float, optional): heat-map opacity of the overlays. Default: 0.5
+
+    Returns:
+        ExplainReport
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise CLIInputError(f"--batch-size must be at least 1, got {batch_size}")
+    bad = [f for f in formats if f not in ("png", "npy", "pt")]
+    if bad or not formats:
+        raise CLIInputError(f"unknown output format(s) {bad or formats}: choose among png, npy, pt")
+    for m in methods:
+        if m not in METHODS:
+            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    dev = resolve_device(device) if isinstance(device, str) else device
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = loaded.model.to(dev).eval()
+    layer_names = list(layers)
+    layer_mods = [layers[n] for n in layer_names]
+    report = ExplainReport()
+    t0 = time.perf_counter()
+    fixed_target: Optional[int] = None
+    target_checked = False
+
+    bar = tqdm(total=len(items), desc="explain", unit="img", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(items), batch_size):
+            batch: List[ImageItem] = []
+            tensors: List[Tensor] = []
+            for it in items[start:start + batch_size]:
+                try:
+                    tensors.append(loaded.preprocess(load_image(it.path)))
+                    batch.append(it)
+                except CLIInputError as e:
+                    if not skip_unreadable:
+                        raise
+                    report.skipped.append((str(it.path), str(e)))
+                    bar.update(1)
+            if not batch:
+                continue
+            x = torch.stack(tensors).to(dev)
+            with torch.no_grad():
+                logits = model(x)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise CLIInputError(
+                    f"the model returns {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+                    ", not (N, classes) logits: explain needs a classification model"
+                )
+            if not target_checked:
+                fixed_target = _parse_target(target, loaded.categories, logits.shape[1])
+                target_checked = True
+            probs = logits.float().softmax(1)
+            pred = probs.argmax(1)
+            tgt = pred.clone() if fixed_target is None else torch.full_like(pred, fixed_target)
+            rows = []
+            for i, it in enumerate(batch):
+                row: Dict[str, Any] = {
+                    "image": str(it.path),
+                    "name": it.name,
+                    "target": int(tgt[i]),
+                    "pred": int(pred[i]),
+                    "prob_target": float(probs[i, tgt[i]]),
+                    "prob_pred": float(probs[i, pred[i]]),
+                    "files": [],
+                }
+                if loaded.categories and len(loaded.categories) == logits.shape[1]:
+                    row["target_name"] = loaded.categories[int(tgt[i])]
+                    row["pred_name"] = loaded.categories[int(pred[i])]
+                rows.append(row)
+            display = loaded.to_display(x.detach().cpu())
+            for method in methods:
+                maps = compute_maps(method, model, layer_mods, x, tgt, options)
+                for lname, m in zip(layer_names, maps):
+                    m = m.cpu()
+                    for i, it in enumerate(batch):
+                        stem = out_dir / f"{it.name}__{method}__{lname}"
+                        written = save_map(stem, m[i, 0], formats)
+                        if "png" in formats:
+                            written.append(save_overlay(stem.with_name(stem.name + ".png"), display[i], m[i, 0], alpha))
+                        rows[i]["files"].extend(str(p) for p in written)
+                        report.files.extend(written)
+            report.rows.extend(rows)
+            report.n_images += len(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    index = out_dir / "index.json"
+    index.write_text(
+        json.dumps(
+            {
+                "model": loaded.description,
+                "layers": layer_names,
+                "methods": list(methods),
+                "target": str(target),
+                "options": {k: v for k, v in (options or {}).items() if v is not None},
+                "images": report.rows,
+                "skipped": [{"image": p, "reason": r} for p, r in report.skipped],
+                "seconds": round(report.seconds, 3),
+            },
+            indent=1,
+        )
+    )
+    report.files.append(index)
+    return report
