@@ -243,7 +243,15 @@ def capture(
     Returns:
         (list[LayerCapture], Tensor): one capture per layer, and the model output.
     """
-    inputs_t = _format_tensor_into_tuples(inputs)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "attributions need gradients, which torch.inference_mode() disables for good; call "
+            "attribute() outside inference mode (torch.no_grad() is fine)"
+        )
+    # tensors created under inference mode cannot take part in autograd: use normal copies
+    inputs_t = tuple(
+        t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in _format_tensor_into_tuples(inputs)
+    )
     extra = _format_additional_forward_args(additional_forward_args)
     wheres = [where] * len(layers) if isinstance(where, str) else list(where)
     if len(wheres) != len(layers):
