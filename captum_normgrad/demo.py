@@ -1,42 +1,311 @@
-"""The built-in demo behind ``captum-normgrad demo`` (placeholder model until the benchmark lands)."""
+r"""The built-in demo behind ``captum-normgrad demo``: the NormGrad paper's Figure 1, on a CPU.
+
+The paper (Rebuffi et al., 2020, Figure 1) explains an image holding a cat and a dog with
+Grad-CAM, NormGrad order 0, order 1 and the adversarial order-1 map at the end of every block of
+VGG-16. The demo does the same with the package's benchmark model (``ShapesVGG`` trained on the
+generated shapes, :mod:`captum_normgrad.models`) on generated images with two objects of different
+classes (:class:`captum_normgrad.datasets.TwoObjectShapesDataset`), whose pixel masks are known, so
+the figure comes with numbers: for each method and depth, the share of the map's positive energy
+on the explained object and on the other object, averaged over a few images.
+
+Outputs (in ``out``): ``figure1.png`` (the grid for one image), ``maps.pt`` (the raw maps of every
+image), ``summary.json`` and ``summary.txt`` (the energy shares).
+
+When the benchmark weights are not available (before ``benchmarks/train_models.py`` has been run)
+the model is randomly initialised and the summary says so; the maps are then not meaningful.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .normgrad import LayerNormGrad
-from ._maps import normalize_maps
+__all__ = ["DEMO_METHODS", "DemoResult", "compute_demo", "run_demo"]
+
+#: (registry name in :data:`captum_normgrad.explain.METHODS`, row label) of the figure's rows.
+DEMO_METHODS: Tuple[Tuple[str, str], ...] = (
+    ("gradcam", "Grad-CAM"),
+    ("normgrad", "NormGrad order 0"),
+    ("normgrad1", "NormGrad order 1"),
+    ("normgrad1-adv", "order 1, adversarial"),
+)
 
 
-def _tiny_cnn() -> nn.Module:
+@dataclass
+class DemoResult:
+    """Everything the demo computed (see :func:`compute_demo`).
+
+    Attributes:
+        images (Tensor): ``(N, 3, H, W)`` images in ``[0, 1]``.
+        masks (Tensor): ``(N, 2, H, W)`` bool; ``masks[:, 0]`` is the explained object.
+        targets (Tensor): ``(N,)`` explained class (the more probable of the two objects).
+        others (Tensor): ``(N,)`` the other object's class.
+        probs (Tensor): ``(N, classes)`` softmax outputs.
+        maps (dict[str, dict[str, Tensor]]): method -> layer -> ``(N, 1, h, w)`` raw map.
+        shares (dict[str, dict[str, tuple[float, float]]]): method -> layer -> mean share of the
+                    positive map energy on (explained object, other object).
+        class_names (list[str]): class names.
+        model_note (str): which model and weights were used.
+        trained (bool): whether trained weights were loaded.
+        seconds (float): compute time.
+    """
+
+    images: Tensor
+    masks: Tensor
+    targets: Tensor
+    others: Tensor
+    probs: Tensor
+    maps: Dict[str, Dict[str, Tensor]]
+    shares: Dict[str, Dict[str, Tuple[float, float]]]
+    class_names: List[str]
+    model_note: str
+    trained: bool
+    seconds: float
+
+
+def _fallback_model() -> Tuple[nn.Module, Dict[str, nn.Module], str, bool]:
+    """A small random CNN, for an installation without :mod:`captum_normgrad.models`."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3),
-    ).eval()
+    blocks = [nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2) if i else nn.Identity())
+              for i, (cin, cout) in enumerate([(3, 16), (16, 32), (32, 64), (64, 64)])]
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 6)).eval()
+    layers = {f"block{i + 1}": model[i] for i in range(4)}
+    return model, layers, "small random CNN (captum_normgrad.models is not installed): maps not meaningful", False
 
 
-def run_demo(out: Path) -> str:
+def _fallback_images(n: int, seed: int, size: int = 64) -> Tuple[Tensor, Tensor, Tensor, List[str]]:
+    """Two coloured squares on noise, for an installation without :mod:`captum_normgrad.datasets`."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.3
+    masks = torch.zeros(n, 2, size, size, dtype=torch.bool)
+    masks[:, 0, 8:28, 8:28] = True
+    masks[:, 1, 36:56, 36:56] = True
+    images[:, 0][masks[:, 0]] = 1.0
+    images[:, 2][masks[:, 1]] = 1.0
+    names = [f"class{i}" for i in range(6)]
+    return images, torch.tensor([[0, 1]] * n), masks, names
+
+
+def _load_model(name: str) -> Tuple[nn.Module, Dict[str, nn.Module], str, bool]:
+    try:
+        from .models import benchmark_layers, build_benchmark_model, load_benchmark_model
+    except ImportError:
+        return _fallback_model()
+
+    try:
+        model = load_benchmark_model(name)
+        note, trained = f"benchmark model {name!r} ({type(model).__name__}, trained weights)", True
+    except FileNotFoundError:
+        torch.manual_seed(0)
+        model = build_benchmark_model(name).eval()
+        note = (
+            f"benchmark model {name!r} ({type(model).__name__}) with RANDOM weights: trained weights not found "
+            "(run `python benchmarks/train_models.py`); the maps below are not meaningful"
+        )
+        trained = False
+    return model, benchmark_layers(model), note, trained
+
+
+def energy_shares(maps: Tensor, masks: Tensor) -> Tensor:
+    r"""Share of each map's positive energy inside each mask.
+
+    Args:
+        maps (Tensor): ``(N, 1, h, w)`` maps at any resolution (upsampled bilinearly to the masks).
+        masks (Tensor): ``(N, K, H, W)`` bool masks.
+
+    Returns:
+        Tensor: ``(N, K)``; ``sum(max(m, 0) * mask_k) / sum(max(m, 0))`` (0 for an all-zero map).
+    """
+    up = F.interpolate(maps.float(), size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False).clamp(min=0)
+    total = up.flatten(1).sum(1, keepdim=True)
+    inside = (up * masks.float()).flatten(2).sum(2)
+    return torch.where(total > 0, inside / total.clamp(min=1e-30), torch.zeros_like(inside))
+
+
+def compute_demo(
+    num_images: int = 8,
+    model_name: str = "vgg",
+    methods: Sequence[str] = tuple(m for m, _ in DEMO_METHODS),
+    seed: int = 2,
+) -> DemoResult:
+    r"""Compute the demo's maps and energy shares (no files, no printing).
+
+    Args:
+        num_images (int, optional): two-object images to average the shares over. Default: 8
+        model_name (str, optional): benchmark model, ``"vgg"`` or ``"resnet"``. Default: ``"vgg"``
+        methods (sequence of str, optional): names in :data:`captum_normgrad.explain.METHODS`.
+                    Default: the four rows of Figure 1
+        seed (int, optional): seed of the generated images (2 is the test split). Default: 2
+
+    Returns:
+        DemoResult
+    """
+    from .explain import compute_maps
+
+    t0 = time.perf_counter()
+    model, layers, note, trained = _load_model(model_name)
+    try:
+        from .datasets import CLASS_NAMES, TwoObjectShapesDataset
+
+        images, labels, masks = TwoObjectShapesDataset(num_images, seed=seed).tensors()
+        class_names = list(CLASS_NAMES)
+    except ImportError:
+        images, labels, masks, class_names = _fallback_images(num_images, seed)
+    with torch.no_grad():
+        probs = model(images).softmax(1)
+    # explain the more probable of the two objects (the paper's "tiger cat"), contrast with the other
+    p_two = probs.gather(1, labels)
+    first = p_two.argmax(1)
+    order = torch.stack([first, 1 - first], 1)
+    labels = labels.gather(1, order)
+    masks = masks[torch.arange(num_images)[:, None], order]
+    targets, others = labels[:, 0], labels[:, 1]
+    maps: Dict[str, Dict[str, Tensor]] = {}
+    shares: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    for method in methods:
+        per_layer = compute_maps(method, model, list(layers.values()), images, targets)
+        maps[method] = dict(zip(layers, per_layer))
+        shares[method] = {}
+        for lname, m in maps[method].items():
+            s = energy_shares(m, masks).mean(0)
+            shares[method][lname] = (float(s[0]), float(s[1]))
+    return DemoResult(
+        images, masks, targets, others, probs, maps, shares, class_names, note, trained,
+        time.perf_counter() - t0,
+    )
+
+
+def _figure(result: DemoResult, path: Path, index: int = 0) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    model = _tiny_cnn()
-    g = torch.Generator().manual_seed(0)
-    img = torch.rand(1, 3, 32, 32, generator=g) * 0.2
-    img[:, 0, 8:16, 8:16] = 1.0
-    m = LayerNormGrad(model, model[3]).attribute(img, target=0)
-    fig, ax = plt.subplots(1, 2, figsize=(6, 3))
-    ax[0].imshow(img[0].permute(1, 2, 0).clamp(0, 1).numpy())
-    ax[1].imshow(normalize_maps(m)[0, 0].detach().numpy(), cmap="jet")
-    for a in ax:
-        a.axis("off")
-    path = out / "normgrad_demo.png"
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    from .io import overlay
+
+    labels = dict(DEMO_METHODS)
+    methods = list(result.maps)
+    layer_names = list(next(iter(result.maps.values())))
+    img = result.images[index]
+    fig, axes = plt.subplots(
+        len(methods), len(layer_names) + 1, figsize=(1.9 * (len(layer_names) + 1), 1.9 * len(methods) + 0.5),
+        squeeze=False,
+    )
+    tname = result.class_names[int(result.targets[index])]
+    oname = result.class_names[int(result.others[index])]
+    for r, method in enumerate(methods):
+        ax = axes[r, 0]
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        if r == 0:
+            ax.contour(result.masks[index, 0].numpy(), levels=[0.5], colors="lime", linewidths=0.8)
+            ax.contour(result.masks[index, 1].numpy(), levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title("image", fontsize=8)
+        ax.set_ylabel(labels.get(method, method), fontsize=8)
+        for c, lname in enumerate(layer_names):
+            m = result.maps[method][lname][index, 0]
+            ax = axes[r, c + 1]
+            ax.imshow(overlay(img, m).permute(1, 2, 0).numpy())
+            if r == 0:
+                ax.set_title(f"{lname} ({m.shape[-2]}x{m.shape[-1]})", fontsize=8)
+            t_share, o_share = energy_shares(result.maps[method][lname][index:index + 1],
+                                             result.masks[index:index + 1])[0].tolist()
+            ax.text(1, img.shape[-2] - 2, f"{t_share:.2f} / {o_share:.2f}", fontsize=6, color="white",
+                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"explaining {tname!r} (green outline); other object {oname!r} (red)\n"
+        f"numbers: share of positive map energy on {tname} / on {oname}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return f"wrote {path}"
+    return path
+
+
+def _summary_text(result: DemoResult, figure: Path) -> str:
+    labels = dict(DEMO_METHODS)
+    layer_names = list(next(iter(result.maps.values())))
+    n = result.images.shape[0]
+    lines = [
+        f"captum-normgrad demo: {result.model_note}",
+        f"{n} generated two-object images; each map explains the more probable of its two objects.",
+        "Mean share of the positive map energy on the explained object / on the other object:",
+        "",
+        f"{'method':<22}" + "".join(f"{ln:>14}" for ln in layer_names),
+    ]
+    for method, per_layer in result.shares.items():
+        lines.append(
+            f"{labels.get(method, method):<22}" + "".join(f"{t:>8.2f}/{o:<5.2f}" for t, o in per_layer.values())
+        )
+    lines += [
+        "",
+        "Reading: a class-selective map puts much more energy on the explained object than on the other;",
+        "order 0 is expected to light up both objects, the adversarial order-1 map the other one.",
+        f"Figure (image 0): {figure}    computed in {result.seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, progress: bool = True, num_images: int = 8, model_name: str = "vgg") -> str:
+    r"""Run the demo and write its files into ``out``; returns the text summary.
+
+    Args:
+        out (Path): output folder (created).
+        progress (bool, optional): show a progress bar on stderr. Default: True
+        num_images (int, optional): images averaged in the summary. Default: 8
+        model_name (str, optional): ``"vgg"`` or ``"resnet"``. Default: ``"vgg"``
+
+    Returns:
+        str: the summary (also written to ``out/summary.txt``).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=3, desc="demo", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("maps")
+        result = compute_demo(num_images=num_images, model_name=model_name)
+        bar.update(1)
+        bar.set_postfix_str("figure")
+        figure = _figure(result, out / "figure1.png")
+        bar.update(1)
+        torch.save(
+            {
+                "maps": result.maps,
+                "images": result.images,
+                "masks": result.masks,
+                "targets": result.targets,
+                "others": result.others,
+                "class_names": result.class_names,
+            },
+            out / "maps.pt",
+        )
+        summary = _summary_text(result, figure)
+        (out / "summary.txt").write_text(summary + "\n")
+        (out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "model": result.model_note,
+                    "trained": result.trained,
+                    "num_images": int(result.images.shape[0]),
+                    "targets": [result.class_names[int(t)] for t in result.targets],
+                    "others": [result.class_names[int(t)] for t in result.others],
+                    "energy_share_target_other": {m: {k: list(v) for k, v in d.items()} for m, d in result.shares.items()},
+                    "figure": str(figure),
+                    "seconds": round(result.seconds, 3),
+                },
+                indent=1,
+            )
+        )
+        bar.update(1)
+    return summary
