@@ -182,6 +182,37 @@ def _check_target(output: Tensor, target: Any) -> None:
         )
 
 
+def _loss_target(output: Tensor, target: Any) -> Any:
+    """The target handed to ``loss_fn``: Captum's class-index forms become an ``(N,)`` tensor.
+
+    An int or a one-element integer tensor applies to every example (Captum semantics), and a list
+    of ints or a 1-D integer tensor has one index per example; all are range-checked against the
+    output and given to the loss as a ``(N,)`` long tensor on the output's device, so that e.g.
+    ``nn.CrossEntropyLoss(reduction="none")`` accepts every Captum target form. Any other target
+    (soft labels, regression values, outputs with more than 2 dims) is passed unchanged.
+    """
+    n = output.shape[0]
+    if isinstance(target, bool) or output.dim() != 2:
+        return target
+    if isinstance(target, tuple) and len(target) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+        _check_target(output, target)  # a 1-tuple is the only valid index of a 2-D output
+        target = target[0]
+    if isinstance(target, int):
+        _check_target(output, target)
+        return torch.full((n,), target, dtype=torch.long, device=output.device)
+    if isinstance(target, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+        _check_target(output, target)
+        return torch.tensor(target, dtype=torch.long, device=output.device)
+    if isinstance(target, Tensor) and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
+        if target.numel() == 1:
+            _check_target(output, target)
+            return target.reshape(1).expand(n).to(device=output.device, dtype=torch.long)
+        if target.dim() == 1:
+            _check_target(output, target)
+            return target.to(output.device)
+    return target
+
+
 def select_objective(output: Tensor, target: Any, loss_fn: Optional[LossFn]) -> Tensor:
     """The per-sample objective whose gradient is attributed: ``(N,)``.
 
@@ -200,9 +231,7 @@ def select_objective(output: Tensor, target: Any, loss_fn: Optional[LossFn]) -> 
                 "example is selected"
             )
         return sel.reshape(output.shape[0])
-    if isinstance(target, list) or (isinstance(target, Tensor) and target.numel() > 1):
-        _check_target(output, target)
-    losses = loss_fn(output, target)
+    losses = loss_fn(output, _loss_target(output, target))
     if not isinstance(losses, Tensor) or losses.shape != (output.shape[0],):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(

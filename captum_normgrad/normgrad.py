@@ -109,7 +109,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
                         examples, a list or 1D tensor with one index per example, a
                         tuple for outputs with more than 2 dims, or a list of tuples.
                         Required when the model returns more than one value per
-                        example. With ``loss_fn`` it is passed to the loss.
+                        example. With ``loss_fn`` it is passed to the loss; class
+                        indices (an int, a one-element tensor, a list or 1D tensor of
+                        ints) are first turned into an ``(N,)`` long tensor, other
+                        targets (soft labels, regression values) are passed unchanged.
                         Default: None
             additional_forward_args (Any, optional): If the forward function
                         requires additional arguments other than the inputs for

@@ -354,6 +354,34 @@ def test_loss_fn_uses_gradient_of_per_sample_loss(models, ref, image_batch: Tens
     assert not torch.allclose(attr.attribute(image_batch, labels.tolist()), ref.normgrad(x, g))
 
 
+@pytest.mark.parametrize(
+    "target",
+    [2, torch.tensor(2), torch.tensor([2]), (2,), [2, 2, 2], torch.tensor([2, 2, 2])],
+    ids=["int", "0d_tensor", "1elem_tensor", "1tuple", "list", "1d_tensor"],
+)
+def test_loss_fn_accepts_every_captum_index_target_form(models, ref, image_batch: Tensor, target: Any) -> None:
+    """Class-index targets reach the loss as an (N,) long tensor, whatever Captum form they had."""
+    model = models.small_cnn()
+    labels = torch.tensor([2, 2, 2])
+    x, g = ref.capture(model, model.conv2, image_batch, lambda out: F.cross_entropy(out, labels, reduction="none"))
+    got = LayerNormGrad(model, model.conv2).attribute(
+        image_batch, target, loss_fn=nn.CrossEntropyLoss(reduction="none")
+    )
+    torch.testing.assert_close(got, ref.normgrad(x, g))
+
+
+def test_loss_fn_soft_labels_are_passed_unchanged(models, ref, image_batch: Tensor) -> None:
+    model = models.small_cnn()
+    soft = torch.softmax(torch.randn(3, 5), 1)
+
+    def soft_ce(out: Tensor, t: Tensor) -> Tensor:
+        return -(t * out.log_softmax(1)).sum(1)
+
+    x, g = ref.capture(model, model.conv2, image_batch, lambda out: soft_ce(out, soft))
+    got = LayerNormGrad(model, model.conv2).attribute(image_batch, soft, loss_fn=soft_ce)
+    torch.testing.assert_close(got, ref.normgrad(x, g))
+
+
 # ============================================================================ execution contexts
 
 
