@@ -185,6 +185,11 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         """
         layers, is_list = _dispatch.layer_list(self.layer)
         _dispatch.check_options(layers, virtual_layer, aggregation, weights_grid, channel_dim, attribute_to_layer_input)
+        if not isinstance(inputs, (Tensor, tuple)):
+            raise TypeError(
+                f"inputs must be a torch.Tensor or a tuple of tensors, got {type(inputs).__name__}; "
+                "convert with torch.as_tensor(...) (or tuple(...) for several model inputs)"
+            )
         inputs_t = _format_tensor_into_tuples(inputs)
         _capture.check_inputs(inputs_t)
         where = "weights" if virtual_layer == "weights" else ("input" if attribute_to_layer_input else "output")
