@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEMO_METHODS", "DemoResult", "compute_demo", "run_demo"]
+__all__ = ["DEMO_METHODS", "DemoResult", "compute_demo", "energy_shares", "plot_figure1", "run_demo"]
 
 #: (registry name in :data:`captum_normgrad.explain.METHODS`, row label) of the figure's rows.
 DEMO_METHODS: Tuple[Tuple[str, str], ...] = (
@@ -182,11 +182,10 @@ def compute_demo(
     )
 
 
-def _figure(result: DemoResult, path: Path, index: int = 0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_figure1(result: DemoResult, path: Path, index: int = 0) -> Path:
+    """Draw the Figure-1 grid (methods x layers over image ``index``) of a :class:`DemoResult` as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .io import overlay
 
@@ -194,10 +193,10 @@ def _figure(result: DemoResult, path: Path, index: int = 0) -> Path:
     methods = list(result.maps)
     layer_names = list(next(iter(result.maps.values())))
     img = result.images[index]
-    fig, axes = plt.subplots(
-        len(methods), len(layer_names) + 1, figsize=(1.9 * (len(layer_names) + 1), 1.9 * len(methods) + 0.5),
-        squeeze=False,
-    )
+    # a Figure on an Agg canvas (not pyplot): headless, and pyplot's global state is left alone
+    fig = Figure(figsize=(1.9 * (len(layer_names) + 1), 1.9 * len(methods) + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(methods), len(layer_names) + 1, squeeze=False)
     tname = result.class_names[int(result.targets[index])]
     oname = result.class_names[int(result.others[index])]
     for r, method in enumerate(methods):
@@ -228,7 +227,6 @@ def _figure(result: DemoResult, path: Path, index: int = 0) -> Path:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -277,7 +275,7 @@ def run_demo(out: Path, progress: bool = True, num_images: int = 8, model_name: 
         result = compute_demo(num_images=num_images, model_name=model_name)
         bar.update(1)
         bar.set_postfix_str("figure")
-        figure = _figure(result, out / "figure1.png")
+        figure = plot_figure1(result, out / "figure1.png")
         bar.update(1)
         torch.save(
             {
