@@ -1,0 +1,874 @@
+r"""Parameter-space saliency profiles (Levin et al., NeurIPS 2022), batched with ``torch.func``.
+
+For a sample ``x`` with true label ``y`` and the per-sample loss ``l = CE(f(x), y)``, the **naive
+profile** of a convolution filter ``j`` (one output channel of a 4-D weight) is the mean absolute
+gradient of the loss over the filter's weights,
+
+.. math::
+
+    s_j(x) = \operatorname{mean}_{w \in W_j} \left| \frac{\partial \ell(x, y)}{\partial w} \right| ,
+
+in ``named_parameters()`` order (downsample convolutions included). Profiles are standardised over a
+reference set, ``z_j = (s_j - \mu_j) / \sigma_j`` (Welford, unbiased ``\sigma``; ``\sigma \le 10^{-14}``
+is replaced by 1), and filters are ranked by ``z`` (or ``|z|``) descending.
+
+Per-sample gradients come from ``torch.func.vmap(torch.func.grad(...))`` over
+``torch.func.functional_call`` on parameter dictionaries: the caller's model is never written to
+(no ``.grad``, no ``.data``, no mode switch, no hooks). The computation always runs in eval mode
+(BatchNorm uses its running statistics, dropout is off) on a private, storage-free copy of the
+module structure, with the caller's current parameters and buffers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = [
+    "MODES",
+    "AGGREGATIONS",
+    "SIGMA_FLOOR",
+    "FilterRef",
+    "WelfordState",
+    "merge_welford",
+    "ParameterSaliency",
+]
+
+#: Saliency modes: standardised ``(s - mu) / sigma``, raw ``s``, and ``s / mu``.
+MODES: Tuple[str, ...] = ("standardized", "naive", "norm")
+#: Aggregations: one value per filter (output channel) or one value per individual weight.
+AGGREGATIONS: Tuple[str, ...] = ("filter", "parameter")
+#: Standard deviations (and, in ``"norm"`` mode, means) at or below this are replaced by 1.
+SIGMA_FLOOR: float = 1e-14
+
+_FORMAT = "captum_normgrad.parameter_saliency.statistics"
+_FORMAT_VERSION = 1
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Selector = Union[str, Sequence[str], None]
+
+
+# --------------------------------------------------------------------------- index of filters
+
+
+@dataclass(frozen=True)
+class FilterRef:
+    """Where entry ``index`` of a saliency profile lives in the model.
+
+    Attributes:
+        index (int): position in the profile.
+        parameter (str): the parameter's name in ``model.named_parameters()``
+                    (e.g. ``"layer1.0.conv1.weight"``).
+        module (str): the owning module's name (e.g. ``"layer1.0.conv1"``; ``""`` for the root).
+        channel (int): the output channel (filter) inside the parameter (dim 0).
+        element (tuple[int, ...] or None): with ``aggregation="parameter"``, the position of the
+                    weight inside its filter (the remaining dims); None for filter-wise profiles.
+    """
+
+    index: int
+    parameter: str
+    module: str
+    channel: int
+    element: Optional[Tuple[int, ...]] = None
+
+    @property
+    def layer(self) -> str:
+        """Alias of :attr:`module` (the layer name)."""
+        return self.module
+
+    def __str__(self) -> str:
+        where = f"{self.module or '<root>'}[{self.channel}]"
+        if self.element is not None:
+            where += "[" + ", ".join(str(i) for i in self.element) + "]"
+        return where
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: Tuple[int, ...]
+    offset: int
+    count: int
+
+
+def _module_name(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+
+# --------------------------------------------------------------------------- Welford statistics
+
+
+class WelfordState:
+    r"""Running count, mean and sum of squared deviations of profile vectors (float64).
+
+    Mergeable: states computed on disjoint shards of a reference set combine exactly (Chan et al.'s
+    parallel update) with :meth:`merge`, in any order, so that statistics can be computed on several
+    processes and combined (e.g. ``torch.distributed.all_gather`` of :meth:`pack` ed states followed
+    by :func:`merge_welford`).
+
+    Args:
+        num_features (int): Length of the profile vectors.
+        device (torch.device or str, optional): Where the float64 statistics live.
+                    Default: ``"cpu"``
+    """
+
+    def __init__(self, num_features: int, device: Union[str, torch.device] = "cpu") -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.count: int = 0
+        self.mean: Tensor = torch.zeros(num_features, dtype=torch.float64, device=device)
+        self.m2: Tensor = torch.zeros(num_features, dtype=torch.float64, device=device)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.mean.numel())
+
+    def __repr__(self) -> str:
+        return f"WelfordState(num_features={self.num_features}, count={self.count})"
+
+    def update(self, batch: Tensor) -> "WelfordState":
+        """Add a batch of profiles ``(B, num_features)`` (in place; returns ``self``)."""
+        if not isinstance(batch, Tensor):
+            raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+        b = batch.detach().to(device=self.mean.device, dtype=torch.float64)
+        if b.dim() == 1:
+            b = b.unsqueeze(0)
+        if b.dim() != 2 or b.shape[1] != self.num_features:
+            raise ValueError(
+                f"batch must have shape (B, {self.num_features}), got {tuple(batch.shape)}; pass profiles "
+                "computed for the same model and aggregation"
+            )
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError("batch contains NaN or Inf profiles; check the model and the inputs")
+        n_b = b.shape[0]
+        if n_b == 0:
+            return self
+        mean_b = b.mean(0)
+        m2_b = ((b - mean_b) ** 2).sum(0)
+        self._combine(n_b, mean_b, m2_b)
+        return self
+
+    def _combine(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        n_a = self.count
+        n = n_a + n_b
+        if n_a == 0:
+            self.mean = mean_b.clone()
+            self.m2 = m2_b.clone()
+        else:
+            delta = mean_b - self.mean
+            self.mean = self.mean + delta * (n_b / n)
+            self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
+        self.count = n
+
+    def merge(self, other: "WelfordState") -> "WelfordState":
+        """A new state equal to the statistics of both states' samples together."""
+        if not isinstance(other, WelfordState):
+            raise TypeError(f"can only merge a WelfordState, got {type(other).__name__}")
+        if other.num_features != self.num_features:
+            raise ValueError(
+                f"cannot merge states of {self.num_features} and {other.num_features} features "
+                "(different models or aggregations)"
+            )
+        out = self.copy()
+        if other.count:
+            out._combine(other.count, other.mean.to(out.mean.device), other.m2.to(out.mean.device))
+        return out
+
+    def __add__(self, other: "WelfordState") -> "WelfordState":
+        return self.merge(other)
+
+    def copy(self) -> "WelfordState":
+        out = WelfordState(self.num_features, self.mean.device)
+        out.count, out.mean, out.m2 = self.count, self.mean.clone(), self.m2.clone()
+        return out
+
+    def variance(self) -> Tensor:
+        """Unbiased variance ``m2 / (count - 1)`` (needs ``count >= 2``)."""
+        if self.count < 2:
+            raise ValueError(
+                f"the unbiased variance needs at least 2 reference samples, got {self.count}; "
+                "fit on a larger reference set"
+            )
+        return self.m2 / (self.count - 1)
+
+    def std(self, floor: float = SIGMA_FLOOR) -> Tensor:
+        """Unbiased standard deviation, with values ``<= floor`` replaced by 1."""
+        sd = self.variance().clamp_min(0).sqrt()
+        return torch.where(sd <= floor, torch.ones_like(sd), sd)
+
+    # -- serialisation / distribution helpers
+    def pack(self) -> Tensor:
+        """One float64 tensor ``[count, mean..., m2...]`` (for ``all_gather``); see :meth:`unpack`."""
+        head = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
+        return torch.cat([head, self.mean, self.m2])
+
+    @classmethod
+    def unpack(cls, packed: Tensor) -> "WelfordState":
+        """Inverse of :meth:`pack`."""
+        if not isinstance(packed, Tensor) or packed.dim() != 1 or packed.numel() < 3 or packed.numel() % 2 == 0:
+            raise ValueError("packed must be a 1-D tensor [count, mean (F), m2 (F)] as written by WelfordState.pack")
+        num = (packed.numel() - 1) // 2
+        out = cls(num, packed.device)
+        out.count = int(round(float(packed[0])))
+        out.mean = packed[1 : 1 + num].to(torch.float64).clone()
+        out.m2 = packed[1 + num :].to(torch.float64).clone()
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"count": self.count, "mean": self.mean.cpu(), "m2": self.m2.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Any]) -> "WelfordState":
+        mean = torch.as_tensor(state["mean"], dtype=torch.float64)
+        out = cls(int(mean.numel()))
+        out.count = int(state["count"])
+        out.mean = mean.clone()
+        out.m2 = torch.as_tensor(state["m2"], dtype=torch.float64).clone()
+        if out.m2.shape != out.mean.shape:
+            raise ValueError("corrupt Welford state: mean and m2 have different shapes")
+        return out
+
+
+def merge_welford(states: Iterable[WelfordState]) -> WelfordState:
+    """Merge several :class:`WelfordState` s (e.g. one per process) into one."""
+    states = list(states)
+    if not states:
+        raise ValueError("merge_welford needs at least one state")
+    out = states[0].copy()
+    for s in states[1:]:
+        out = out.merge(s)
+    return out
+
+
+# --------------------------------------------------------------------------- functional plumbing
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of the module structure whose parameters and buffers live on the meta device.
+
+    It owns no storage; every evaluation passes the caller's tensors through ``functional_call``.
+    It is put in eval mode (the caller's model keeps its own mode).
+    """
+    memo: Dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    skeleton = copy.deepcopy(model, memo)
+    skeleton.eval()
+    return skeleton
+
+
+def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
+    if target is None:
+        raise ValueError(
+            "target is required: parameter saliency differentiates the loss of the true label "
+            "(pass one class index per sample, e.g. the dataset labels)"
+        )
+    if isinstance(target, Tensor):
+        t = target.detach()
+    elif isinstance(target, (int,)) and not isinstance(target, bool):
+        t = torch.full((n,), int(target), dtype=torch.long)
+    elif isinstance(target, (list, tuple)):
+        t = torch.as_tensor(list(target))
+    else:
+        raise TypeError(f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}")
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"target must have one class index per sample (shape ({n},)), got shape {tuple(t.shape)}")
+    if n and int(t.min()) < 0:
+        raise ValueError("target holds negative class indices")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _default_loss(outputs: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(outputs, target)
+
+
+class _FunctionalModel:
+    """The caller's model as a pure function of (selected, fixed) tensor dictionaries."""
+
+    def __init__(self, model: nn.Module, selected: Sequence[str], loss_fn: Optional[LossFn]) -> None:
+        self.model = model
+        self.skeleton = _meta_skeleton(model)
+        self.selected = list(selected)
+        self.loss_fn = loss_fn or _default_loss
+
+    def tensors(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        params = dict(self.model.named_parameters())
+        sel = {k: params[k].detach() for k in self.selected}
+        fixed = {k: v.detach() for k, v in params.items() if k not in sel}
+        fixed.update({k: b.detach() for k, b in self.model.named_buffers()})
+        return sel, fixed
+
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def outputs(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.skeleton, {**fixed, **sel}, (x,))
+
+    def sample_loss(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Loss of one sample (``x`` without batch dim), batch-1 semantics."""
+        out = self.outputs(sel, fixed, x.unsqueeze(0))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model must return a tensor of logits, got {type(out).__name__}")
+        loss = self.loss_fn(out, y.unsqueeze(0))
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}"
+            )
+        return loss.reshape(())
+
+    def num_outputs(self, x: Tensor) -> Optional[int]:
+        """Number of classes, from a storage-free forward on the meta device (None if unavailable)."""
+        try:
+            with torch.no_grad():
+                out = self.skeleton(torch.empty((1, *x.shape[1:]), dtype=x.dtype, device="meta"))
+        except Exception:  # noqa: BLE001 - some ops have no meta kernel: skip the check
+            return None
+        if isinstance(out, Tensor) and out.dim() == 2:
+            return int(out.shape[1])
+        return None
+
+
+def _check_inputs(inputs: Any) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(
+            f"inputs must be a torch.Tensor with the batch on dim 0, got {type(inputs).__name__} "
+            "(parameter saliency supports models that take a single tensor)"
+        )
+    if inputs.dim() < 1:
+        raise ValueError("inputs must have a batch dimension (dim 0)")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError("inputs contain NaN or Inf values; clean them (e.g. torch.nan_to_num) first")
+    return inputs
+
+
+def _unpack_batch(batch: Any) -> Tuple[Tensor, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for xk, yk in (("inputs", "targets"), ("input", "target"), ("image", "label"), ("images", "labels"), ("x", "y")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+    raise TypeError(
+        "each batch of the dataloader must be (inputs, targets, ...) or a dict with 'inputs'/'targets' "
+        f"(or 'image'/'label'), got {type(batch).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- the saliency object
+
+
+class ParameterSaliency:
+    r"""
+    Parameter-space saliency (Levin et al., 2022): which filters are responsible for a sample's loss.
+
+    For each sample the **profile** is, per convolution filter (each output channel of every 4-D
+    weight, in ``named_parameters()`` order), the mean absolute gradient of the sample's
+    cross-entropy loss on its true label over the filter's weights. Per-sample gradients are
+    batched with ``torch.func.vmap(torch.func.grad(...))`` over ``functional_call``: one sample's
+    profile never depends on the rest of the batch, and the caller's model is never modified.
+
+    Profiles are compared with a reference set: :meth:`fit` (or :meth:`update_statistics`
+    / :attr:`statistics` for distributed computation) stores the per-filter mean ``mu`` and unbiased
+    standard deviation ``sigma`` (Welford, float64); :meth:`saliency` returns
+
+    - ``"standardized"``: ``(s - mu) / sigma`` (``sigma <= 1e-14`` replaced by 1), the paper's saliency;
+    - ``"naive"``: ``s`` itself (no reference set needed);
+    - ``"norm"``: ``s / mu`` (``mu <= 1e-14`` replaced by 1).
+
+    :meth:`rank` sorts filters by saliency (or its absolute value), :meth:`locate` maps a profile
+    index back to ``(layer name, channel)``, :meth:`save` / :meth:`load` store the statistics with
+    the names and shapes of the parameters they belong to.
+
+    Computation is always done in eval mode (BatchNorm running statistics, no dropout), as in the
+    paper, whatever mode the caller's model is in.
+
+    Args:
+
+        model (nn.Module): A classifier taking one tensor ``(N, ...)`` and returning logits
+                    ``(N, num_classes)``. ``nn.DataParallel`` / DDP wrappers are unwrapped.
+        mode (str, optional): Default saliency mode: ``"standardized"``, ``"naive"`` or ``"norm"``.
+                    Default: ``"standardized"``
+        aggregation (str, optional): ``"filter"`` (one value per filter: mean of ``|grad|``
+                    over the filter's weights) or ``"parameter"`` (one value per weight: ``|grad|``).
+                    Default: ``"filter"``
+        parameters (str or sequence of str, optional): Which parameters are profiled:
+                    ``"conv"`` (every 4-D weight: the convolution filters), ``"all"`` (every
+                    parameter; filter-wise, a "filter" is a slice along dim 0, e.g. one output unit
+                    of a ``Linear`` weight or one entry of a bias), or an explicit list of names from
+                    ``model.named_parameters()``. None picks ``"conv"`` for filter-wise and
+                    ``"all"`` for parameter-wise aggregation (the authors' choices).
+                    Default: None
+        loss_fn (Callable, optional): ``(logits (1, K), target (1,)) -> loss`` for one sample.
+                    Default: None (cross-entropy on the true label)
+        vectorize (bool, optional): Batch the per-sample gradients with ``vmap`` (True) or loop
+                    over the samples with the same functional gradient (False; fewer memory,
+                    for models whose operations ``vmap`` does not support).
+                    Default: True
+        chunk_size (int, optional): ``vmap`` chunk size: at most this many per-sample gradients
+                    are materialised at once (lower memory). None processes a whole batch at once.
+                    Default: None
+
+    Examples::
+
+        >>> model = torchvision.models.resnet18().eval()
+        >>> ps = ParameterSaliency(model)
+        >>> ps.fit(reference_loader)                 # mean / std per filter, with a progress bar
+        >>> z = ps.saliency(images, labels)          # (N, 4800) standardised saliency
+        >>> top = ps.rank(z, k=10)                   # (N, 10) filter indices, most salient first
+        >>> ps.locate(int(top[0, 0]))                # FilterRef(... module='layer4.1.conv2', channel=17)
+        >>> ps.save("resnet18_stats.pt")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "standardized",
+        aggregation: str = "filter",
+        parameters: Selector = None,
+        loss_fn: Optional[LossFn] = None,
+        vectorize: bool = True,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_choice("mode", mode, MODES)
+        _check_choice("aggregation", aggregation, AGGREGATIONS)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: (logits (1, K), target (1,)) -> scalar loss")
+        self.model = _unwrap(model)
+        self.mode = mode
+        self.aggregation = aggregation
+        self.vectorize = bool(vectorize)
+        self.chunk_size = chunk_size
+        self.parameters = parameters if parameters is not None else ("conv" if aggregation == "filter" else "all")
+        self._entries = self._select(self.parameters)
+        self._offsets = [e.offset for e in self._entries]
+        self.num_features: int = self._entries[-1].offset + self._entries[-1].count
+        self._fn = _FunctionalModel(self.model, [e.name for e in self._entries], loss_fn)
+        self._stats: Optional[WelfordState] = None
+        #: naive profiles of the reference set, kept by ``fit(..., keep_profiles=True)`` (CPU), else None
+        self.reference_profiles: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ parameter selection
+    def _select(self, parameters: Selector) -> List[_Entry]:
+        named = list(self.model.named_parameters())
+        if isinstance(parameters, str):
+            if parameters == "conv":
+                chosen = [(n, p) for n, p in named if p.dim() == 4]
+                if not chosen:
+                    raise ValueError(
+                        f"{type(self.model).__name__} has no convolution filters (4-D weights), so there is "
+                        "nothing to rank filter-wise. Use aggregation='parameter' (one value per weight of "
+                        "every parameter) or parameters='all' (a filter is then a slice along dim 0 of every "
+                        "parameter, e.g. one output unit of a Linear layer)"
+                    )
+            elif parameters == "all":
+                chosen = named
+            else:
+                raise ValueError(f"parameters must be 'conv', 'all' or a list of parameter names, got {parameters!r}")
+        elif isinstance(parameters, (list, tuple)) and all(isinstance(n, str) for n in parameters):
+            lookup = dict(named)
+            missing = [n for n in parameters if n not in lookup]
+            if missing:
+                raise ValueError(
+                    f"unknown parameter name(s) {missing[:3]}; pick names from "
+                    "[n for n, _ in model.named_parameters()]"
+                )
+            wanted = set(parameters)
+            chosen = [(n, p) for n, p in named if n in wanted]  # named_parameters() order
+        else:
+            raise TypeError(f"parameters must be 'conv', 'all' or a list of names, got {type(parameters).__name__}")
+        if not chosen:
+            raise ValueError(f"{type(self.model).__name__} has no parameters to profile")
+        entries: List[_Entry] = []
+        offset = 0
+        for name, p in chosen:
+            shape = tuple(p.shape)
+            if self.aggregation == "filter":
+                count = shape[0] if len(shape) else 1
+            else:
+                count = p.numel()
+            if count == 0:
+                continue
+            entries.append(_Entry(name, shape, offset, count))
+            offset += count
+        if not entries:
+            raise ValueError("the selected parameters are all empty")
+        return entries
+
+    @property
+    def parameter_names(self) -> List[str]:
+        """Names of the profiled parameters, in profile order."""
+        return [e.name for e in self._entries]
+
+    def identity(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """``[(parameter name, shape), ...]`` of the profiled parameters (what statistics belong to)."""
+        return [(e.name, e.shape) for e in self._entries]
+
+    def _check_model_unchanged(self, sel: Dict[str, Tensor]) -> None:
+        for e in self._entries:
+            if tuple(sel[e.name].shape) != e.shape:
+                raise ValueError(
+                    f"parameter {e.name} changed shape from {e.shape} to {tuple(sel[e.name].shape)} since this "
+                    "ParameterSaliency was built; build a new one for the modified model"
+                )
+
+    # ------------------------------------------------------------------ index <-> filter
+    def locate(self, index: int) -> FilterRef:
+        """Map a profile index to the parameter, layer (module) name and channel it belongs to."""
+        if isinstance(index, Tensor):
+            index = int(index)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not 0 <= index < self.num_features:
+            raise IndexError(f"index {index} out of range for a profile of {self.num_features} entries")
+        e = self._entries[bisect.bisect_right(self._offsets, index) - 1]
+        local = index - e.offset
+        if self.aggregation == "filter":
+            return FilterRef(index, e.name, _module_name(e.name), local if e.shape else 0)
+        if not e.shape:
+            return FilterRef(index, e.name, _module_name(e.name), 0, ())
+        pos = []
+        rest = local
+        for size in reversed(e.shape):
+            pos.append(rest % size)
+            rest //= size
+        pos = pos[::-1]
+        return FilterRef(index, e.name, _module_name(e.name), pos[0], tuple(pos[1:]))
+
+    def filter_index(self, parameter: str, channel: int) -> int:
+        """Profile index of ``channel`` of ``parameter`` (filter-wise aggregation)."""
+        if self.aggregation != "filter":
+            raise ValueError("filter_index is defined for aggregation='filter' only")
+        for e in self._entries:
+            if e.name == parameter or _module_name(e.name) == parameter:
+                if not 0 <= channel < e.count:
+                    raise IndexError(f"{e.name} has {e.count} filters, channel {channel} is out of range")
+                return e.offset + channel
+        raise ValueError(f"{parameter!r} is not a profiled parameter or layer; see .parameter_names")
+
+    def feature_modules(self) -> List[str]:
+        """The module (layer) name of every profile entry, in profile order (length ``num_features``)."""
+        out: List[str] = []
+        for e in self._entries:
+            out.extend([_module_name(e.name)] * e.count)
+        return out
+
+    def feature_slices(self) -> List[Tuple[str, slice]]:
+        """``[(parameter name, slice of the profile), ...]``."""
+        return [(e.name, slice(e.offset, e.offset + e.count)) for e in self._entries]
+
+    # ------------------------------------------------------------------ profiles
+    def _profile_from_grads(self, grads: Dict[str, Tensor]) -> Tensor:
+        parts = []
+        for e in self._entries:
+            g = grads[e.name]
+            if self.aggregation == "filter":
+                flat = g.reshape(e.count, -1)
+                parts.append(torch.linalg.vector_norm(flat, 1, dim=1) / flat.shape[1])
+            else:
+                parts.append(g.abs().reshape(-1))
+        return torch.cat(parts)
+
+    def _per_sample_fn(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        loss = self._fn.sample_loss
+
+        def profile_one(x: Tensor, y: Tensor) -> Tensor:
+            return self._profile_from_grads(grad(loss)(sel, fixed, x, y))
+
+        return profile_one
+
+    def _prepare(self, inputs: Any, target: Any) -> Tuple[Tensor, Tensor]:
+        x = _check_inputs(inputs)
+        device = self._fn.device()
+        x = x.to(device)
+        y = _check_target(target, x.shape[0], device)
+        k = self._fn.num_outputs(x)
+        if k is not None and x.shape[0] and int(y.max()) >= k:
+            raise ValueError(f"target holds class index {int(y.max())} but the model has {k} outputs")
+        return x, y
+
+    def profiles(self, inputs: Tensor, target: Any) -> Tensor:
+        r"""
+        Naive per-sample profiles ``s`` (mean ``|dl/dW_j|`` per filter, or ``|dl/dw|`` per weight).
+
+        Args:
+
+            inputs (Tensor): Batch ``(N, ...)`` of inputs of the model.
+            target (int, list[int] or Tensor): True class of each sample (shape ``(N,)``) or one
+                        class for all.
+
+        Returns:
+            *Tensor*: ``(N, num_features)``, detached, in the parameters' dtype and device.
+        """
+        x, y = self._prepare(inputs, target)
+        sel, fixed = self._fn.tensors()
+        self._check_model_unchanged(sel)
+        if x.shape[0] == 0:
+            return torch.zeros(0, self.num_features, device=x.device)
+        fn = self._per_sample_fn(sel, fixed)
+        if self.vectorize:
+            out = vmap(fn, chunk_size=self.chunk_size)(x, y)
+        else:
+            out = torch.stack([fn(x[i], y[i]) for i in range(x.shape[0])])
+        return out.detach()
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def statistics(self) -> Optional[WelfordState]:
+        """The reference statistics (:class:`WelfordState`), None before :meth:`fit`/:meth:`load`."""
+        return self._stats
+
+    @statistics.setter
+    def statistics(self, state: Optional[WelfordState]) -> None:
+        if state is not None:
+            if not isinstance(state, WelfordState):
+                raise TypeError(f"statistics must be a WelfordState, got {type(state).__name__}")
+            if state.num_features != self.num_features:
+                raise ValueError(
+                    f"statistics have {state.num_features} features but this model's profile has "
+                    f"{self.num_features}; they were computed for a different model or aggregation"
+                )
+        self._stats = state
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._stats is not None and self._stats.count >= 2
+
+    def reset_statistics(self) -> "ParameterSaliency":
+        self._stats = None
+        self.reference_profiles = None
+        return self
+
+    def update_statistics(self, inputs: Tensor, target: Any) -> Tensor:
+        """Add a batch to the reference statistics; returns its naive profiles."""
+        prof = self.profiles(inputs, target)
+        if self._stats is None:
+            self._stats = WelfordState(self.num_features)
+        self._stats.update(prof)
+        return prof
+
+    def fit(
+        self,
+        dataloader: Iterable[Any],
+        max_batches: Optional[int] = None,
+        progress: bool = True,
+        keep_profiles: bool = False,
+    ) -> "ParameterSaliency":
+        r"""
+        Compute the reference statistics (per-feature mean and unbiased std) over a dataset.
+
+        Args:
+
+            dataloader (Iterable): Yields batches ``(inputs, targets, ...)`` (extra items are
+                        ignored; dicts with ``inputs``/``targets`` or ``image``/``label`` work too).
+            max_batches (int, optional): Stop after this many batches.
+                        Default: None (the whole loader)
+            progress (bool, optional): Show a tqdm progress bar (samples/s).
+                        Default: True
+            keep_profiles (bool, optional): Also keep the reference set's naive profiles in
+                        :attr:`reference_profiles` (CPU, ``(N, num_features)``), e.g. to fit a
+                        :class:`~captum_normgrad.parameter_saliency.POTScorer`.
+                        Default: False
+
+        Returns:
+            *ParameterSaliency*: ``self``, fitted. Previous statistics are replaced.
+        """
+        from tqdm.auto import tqdm
+
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        try:
+            total_batches = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            total_batches = None
+        if max_batches is not None and total_batches is not None:
+            total_batches = min(total_batches, max_batches)
+        state = WelfordState(self.num_features)
+        kept: List[Tensor] = []
+        bar = tqdm(total=total_batches, desc="parameter saliency statistics", unit="batch", disable=not progress)
+        try:
+            for i, batch in enumerate(dataloader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = _unpack_batch(batch)
+                prof = self.profiles(x, y)
+                state.update(prof)
+                if keep_profiles:
+                    kept.append(prof.cpu())
+                bar.update(1)
+                bar.set_postfix(samples=state.count)
+        finally:
+            bar.close()
+        if state.count < 2:
+            raise ValueError(
+                f"the reference set gave {state.count} sample(s); the unbiased standard deviation needs at least 2"
+            )
+        self._stats = state
+        self.reference_profiles = torch.cat(kept) if keep_profiles else None
+        return self
+
+    # ------------------------------------------------------------------ saliency
+    def standardize(self, profiles: Tensor, mode: Optional[str] = None) -> Tensor:
+        """Turn naive profiles ``(N, F)`` into saliency in ``mode`` (differentiable in ``profiles``)."""
+        mode = self.mode if mode is None else mode
+        _check_choice("mode", mode, MODES)
+        if not isinstance(profiles, Tensor) or profiles.shape[-1] != self.num_features:
+            raise ValueError(
+                f"profiles must be a tensor with last dim {self.num_features}, got "
+                f"{tuple(profiles.shape) if isinstance(profiles, Tensor) else type(profiles).__name__}"
+            )
+        if mode == "naive":
+            return profiles
+        if not self.is_fitted:
+            raise ValueError(
+                f"mode={mode!r} needs reference statistics: call fit(reference_loader) or load(path) first, "
+                "or use mode='naive'"
+            )
+        assert self._stats is not None
+        if mode == "standardized":
+            mu = self._stats.mean.to(device=profiles.device)
+            sd = self._stats.std().to(device=profiles.device)
+            return ((profiles.to(torch.float64) - mu) / sd).to(profiles.dtype)
+        mu = self._stats.mean.to(device=profiles.device)
+        mu = torch.where(mu <= SIGMA_FLOOR, torch.ones_like(mu), mu)
+        return (profiles.to(torch.float64) / mu).to(profiles.dtype)
+
+    def saliency(self, inputs: Tensor, target: Any, mode: Optional[str] = None) -> Tensor:
+        r"""
+        Per-sample parameter saliency ``(N, num_features)``.
+
+        Args:
+
+            inputs (Tensor): Batch ``(N, ...)``.
+            target (int, list[int] or Tensor): True class of each sample.
+            mode (str, optional): ``"standardized"``, ``"naive"`` or ``"norm"``.
+                        Default: None (the object's :attr:`mode`)
+
+        Returns:
+            *Tensor*: saliency, detached.
+        """
+        mode = self.mode if mode is None else mode
+        _check_choice("mode", mode, MODES)
+        if mode != "naive" and not self.is_fitted:
+            self.standardize(torch.zeros(1, self.num_features), mode)  # raises the explanatory error
+        return self.standardize(self.profiles(inputs, target), mode)
+
+    @staticmethod
+    def rank(saliency: Tensor, k: Optional[int] = None, by: str = "value") -> Tensor:
+        r"""
+        Filter indices sorted by saliency, most salient first.
+
+        Args:
+
+            saliency (Tensor): ``(N, F)`` or ``(F,)``.
+            k (int, optional): Keep the first ``k``. Default: None (all)
+            by (str, optional): ``"value"`` (descending saliency) or ``"abs"`` (descending
+                        absolute saliency). Ties keep index order. Default: ``"value"``
+
+        Returns:
+            *Tensor*: long indices, shape ``(N, k)`` (or ``(k,)``).
+        """
+        _check_choice("by", by, ("value", "abs"))
+        if not isinstance(saliency, Tensor) or saliency.dim() not in (1, 2):
+            raise ValueError("saliency must be a (N, F) or (F,) tensor")
+        key = saliency.abs() if by == "abs" else saliency
+        order = torch.argsort(key, dim=-1, descending=True, stable=True)
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"k must be a positive int, got {k!r}")
+            order = order[..., :k]
+        return order
+
+    def top_filters(
+        self, inputs: Tensor, target: Any, k: int = 10, mode: Optional[str] = None, by: str = "value"
+    ) -> List[List[FilterRef]]:
+        """The ``k`` most salient filters of each sample, as :class:`FilterRef` s."""
+        order = self.rank(self.saliency(inputs, target, mode), k=k, by=by)
+        return [[self.locate(int(i)) for i in row] for row in order]
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> Dict[str, Any]:
+        """The statistics with the identity (names, shapes, aggregation) of what they belong to."""
+        if self._stats is None:
+            raise ValueError("no statistics to save: call fit(reference_loader) first")
+        return {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "aggregation": self.aggregation,
+            "identity": [[n, list(s)] for n, s in self.identity()],
+            "welford": self._stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> "ParameterSaliency":
+        """Load statistics after checking they belong to this model (names/shapes) and aggregation."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not parameter-saliency statistics (written by ParameterSaliency.save)")
+        if int(state.get("version", -1)) > _FORMAT_VERSION:
+            raise ValueError(f"statistics format version {state.get('version')} is newer than this library's")
+        if state["aggregation"] != self.aggregation:
+            raise ValueError(
+                f"statistics were computed with aggregation={state['aggregation']!r}, this object uses "
+                f"{self.aggregation!r}"
+            )
+        theirs = [(str(n), tuple(int(v) for v in s)) for n, s in state["identity"]]
+        mine = self.identity()
+        if theirs != mine:
+            for i, (a, b) in enumerate(itertools.zip_longest(theirs, mine)):
+                if a != b:
+                    raise ValueError(
+                        "statistics belong to a different model: profiled parameter "
+                        f"#{i} is {a!r} in the statistics but {b!r} in this model. Fit statistics for this "
+                        "model (ParameterSaliency(model).fit(loader))"
+                    )
+        stats = WelfordState.from_state_dict(state["welford"])
+        self.statistics = stats
+        return self
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Save the statistics (``torch.save``) with the names/shapes of the profiled parameters."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Union[str, os.PathLike]) -> "ParameterSaliency":
+        """Load statistics written by :meth:`save`; raises ``ValueError`` if they belong to another model."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        fitted = f"fitted on {self._stats.count} samples" if self._stats is not None else "not fitted"
+        return (
+            f"ParameterSaliency({type(self.model).__name__}, mode={self.mode!r}, aggregation={self.aggregation!r}, "
+            f"{len(self._entries)} parameters, {self.num_features} features, {fitted})"
+        )
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
