@@ -3,6 +3,8 @@
 from ._maps import fuse_maps, normalize_maps
 from .normgrad import LayerNormGrad
 from .normgrad_order1 import LayerNormGradOrder1, per_sample_cross_entropy
+from .metrics import LayerNoiseTunnel, as_input_attribution, deletion_curve, energy_pointing_game, insertion_curve, pointing_game
+from .sanity import class_sensitivity, model_parameter_randomization
 
 __version__ = "0.1.0"
 
@@ -12,5 +14,13 @@ __all__ = [
     "per_sample_cross_entropy",
     "fuse_maps",
     "normalize_maps",
+    "LayerNoiseTunnel",
+    "as_input_attribution",
+    "pointing_game",
+    "energy_pointing_game",
+    "deletion_curve",
+    "insertion_curve",
+    "model_parameter_randomization",
+    "class_sensitivity",
     "__version__",
 ]

@@ -36,7 +36,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples, _run_forward
-from scipy.stats import rankdata
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -79,6 +78,8 @@ def spearman_rho(a: Union[np.ndarray, Tensor], b: Union[np.ndarray, Tensor]) -> 
         >>> spearman_rho(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 15.0]))
         0.5
     """
+    from scipy.stats import rankdata
+
     x = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64).ravel()
     y = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64).ravel()
     if x.shape != y.shape:
