@@ -322,6 +322,13 @@ class RandomizationResult:
                     model's argmax, row ``i + 1`` the randomised model's of step ``i``.
         original_maps (ndarray or None): ``(N, *L)`` original maps.
         randomized_maps (ndarray or None): ``(len(modules), N, *L)`` maps of each step.
+
+    Examples::
+
+        >>> res = model_parameter_randomization(net, LayerNormGrad, "conv4", x)
+        >>> res.mean()["spearman_abs"]        # one value per randomisation step
+        >>> res.rows()[0]                     # {'step': 1, 'module': 'fc', 'spearman_abs': ...}
+        >>> res.plot("mprt.png")
     """
 
     mode: str
@@ -511,6 +518,11 @@ class ClassSensitivityResult:
         bottom_class (ndarray): ``(N,)`` least probable class.
         method (str): method name.
         layer (str): layer name.
+
+    Examples::
+
+        >>> res = class_sensitivity(net, LayerGradCam, "conv4", x)
+        >>> res.rho.shape, res.mean()
     """
 
     rho: np.ndarray

@@ -392,3 +392,21 @@ def test_wrapping_a_non_attribution_raises() -> None:
         as_input_attribution(Saliency(make_net()), reduce_channels="max")
     with pytest.raises(TypeError, match="Captum attribution"):
         LayerNoiseTunnel(object())  # type: ignore[arg-type]
+
+
+def test_noise_tunnel_around_order1_averages_its_maps_over_the_noisy_copies() -> None:
+    order1 = pytest.importorskip("captum_normgrad.normgrad_order1")
+    net = make_net()
+    x = torch.randn(2, C_IN, H, H, dtype=torch.float64)
+    method = order1.LayerNormGradOrder1(net, net.lin)
+    torch.manual_seed(6)
+    got = NoiseTunnel(method).attribute(x, nt_samples=3, stdevs=0.1, target=[0, 1])
+    xs = _noisy_inputs(x, 3, 0.1, 6)
+    per_copy = [method.attribute(xs[j : j + 1], target=[0, 1][j // 3]) for j in range(6)]  # one at a time
+    exp = torch.cat(per_copy).reshape(2, 3, 1, H, H).mean(1)
+    torch.testing.assert_close(got, exp)
+    torch.manual_seed(6)
+    listed = LayerNoiseTunnel(order1.LayerNormGradOrder1(net, [net.lin])).attribute(
+        x, nt_samples=3, stdevs=0.1, target=[0, 1]
+    )
+    torch.testing.assert_close(listed[0], exp)

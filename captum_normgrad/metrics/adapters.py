@@ -135,7 +135,24 @@ def _interp_mode(mode: str, n_spatial: int) -> str:
 
 
 def resize_maps(maps: Tensor, size: Sequence[int], interpolate_mode: str = "bilinear") -> Tensor:
-    """Interpolate ``(N, C, *L)`` maps to ``size`` (no-op when already that size)."""
+    r"""Interpolate ``(N, C, *L)`` maps to ``size`` (returned unchanged when already that size).
+
+    Linear-family modes are adapted to the number of location dims and use
+    ``align_corners=False`` (the TorchRay and Captum convention).
+
+    Args:
+        maps (Tensor): ``(N, C, *L)`` maps.
+        size (sequence of int): target locations ``*S``.
+        interpolate_mode (str, optional): ``F.interpolate`` mode. Default: ``"bilinear"``
+
+    Returns:
+        Tensor: ``(N, C, *S)``.
+
+    Examples::
+
+        >>> resize_maps(torch.ones(2, 1, 4, 4), (16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
     size = tuple(int(s) for s in size)
     if tuple(maps.shape[2:]) == size:
         return maps
@@ -259,6 +276,13 @@ class InputAttribution(Attribution):
         attribution_method (Attribution): the wrapped method.
         attribute_kwargs (dict): defaults given to every ``attribute`` call (call-time keyword
                     arguments win).
+
+    Examples::
+
+        >>> explain = InputAttribution(LayerGradCam(net, net.conv4), relu_attributions=True)
+        >>> explain(torch.rand(2, 3, 32, 32), target=3).shape
+        torch.Size([2, 3, 32, 32])
+        >>> smooth = NoiseTunnel(explain).attribute(x, nt_samples=8, stdevs=0.1, target=3)
     """
 
     def __init__(

@@ -47,6 +47,11 @@ class FaithfulnessCurve:
         fractions (Tensor): ``(S + 1,)`` fraction of pixels deleted/inserted at each step.
         scores (Tensor): ``(N, S + 1)`` model score at each step.
         auc (Tensor): ``(N,)`` trapezoidal area under ``scores`` over ``fractions``.
+
+    Examples::
+
+        >>> curve = deletion_curve(net, x, maps, target=3)
+        >>> curve.scores.shape, curve.auc, curve.mean_auc()
     """
 
     kind: str

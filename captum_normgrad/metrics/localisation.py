@@ -220,6 +220,11 @@ class PointingGameResult:
         hits (Tensor): ``(N,)`` booleans.
         points (Tensor): ``(N, 2)`` ``(row, column)`` points at mask resolution.
         tolerance (float): the tolerance used, in pixels.
+
+    Examples::
+
+        >>> result = pointing_game(maps, masks, labels)
+        >>> result.accuracy, result.class_accuracies, result.hits
     """
 
     accuracy: float
