@@ -30,8 +30,9 @@ from torch import Tensor, nn
 settings.register_profile(
     "captum_normgrad",
     deadline=None,
-    max_examples=12,
+    max_examples=20,
     derandomize=True,  # seeded: the same examples on every run
+    database=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -40,6 +41,7 @@ settings.register_profile(
     parent=settings.get_profile("captum_normgrad"),
     max_examples=200,
     derandomize=False,
+    database=None,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "captum_normgrad"))
 

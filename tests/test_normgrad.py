@@ -111,27 +111,32 @@ class ChannelsLast(nn.Module):
         return self.inner(t.transpose(1, 2)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("model_kind", ["small_cnn", "token"])
-def test_real_identity_conv1x1_weight_grad_is_sum_of_outer_products(models, ref, model_kind: str) -> None:
-    """sum_u g_u x_u^T == autograd weight gradient of a real identity 1x1 conv at the point,
-    and LayerNormGrad at the point is ||g_u|| ||x_u|| of those same g and x."""
+@given(
+    model_kind=st.sampled_from(["small_cnn", "token"]),
+    seed=st.integers(0, 2**16),
+    targets=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+)
+def test_real_identity_conv1x1_weight_grad_is_sum_of_outer_products(models, ref, model_kind: str, seed: int, targets) -> None:
+    """sum_u g_u x_u^T == autograd weight gradient of a real identity 1x1 conv at the point
+    (per sample), and LayerNormGrad at the point is ||g_u|| ||x_u|| of those same g and x."""
     tokens = model_kind == "token"
     channel_dim = -1 if tokens else 1
-    model = getattr(models, model_kind)().double()
-    x = torch.randn(3, 6, 5, dtype=DT) if tokens else torch.randn(3, 3, 8, 8, dtype=DT)
-    target = [1, 0, 3]
-    got = LayerNormGrad(model, model.probe).attribute(x, target, channel_dim=channel_dim)
-    xs, gs = ref.capture(model, model.probe, x, select(target))
+    model = getattr(models, model_kind)(seed=seed).double()
+    n = len(targets)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, 5, generator=gen, dtype=DT) if tokens else torch.randn(n, 3, 8, 8, generator=gen, dtype=DT)
+    got = LayerNormGrad(model, model.probe).attribute(x, targets, channel_dim=channel_dim)
+    xs, gs = ref.capture(model, model.probe, x, select(targets))
     torch.testing.assert_close(got, ref.normgrad(xs, gs, channel_dim), rtol=1e-10, atol=1e-12)
     if tokens:
         xs, gs = xs.movedim(-1, 1), gs.movedim(-1, 1)
     c = xs.shape[1]
     conv = models.identity_conv1x1(c, 1 if tokens else 2, DT)
     model.probe = ChannelsLast(conv) if tokens else conv
-    for n in range(3):
-        out = model(x[n : n + 1])
-        (wgrad,) = torch.autograd.grad(out[0, target[n]], conv.weight)
-        outer_sum = torch.einsum("i...,j...->ij", gs[n], xs[n])
+    for i in range(n):
+        out = model(x[i : i + 1])
+        (wgrad,) = torch.autograd.grad(out[0, targets[i]], conv.weight)
+        outer_sum = torch.einsum("i...,j...->ij", gs[i], xs[i])
         torch.testing.assert_close(wgrad.reshape(c, c), outer_sum, rtol=1e-10, atol=1e-12)
 
 
