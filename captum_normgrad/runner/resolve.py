@@ -1,0 +1,468 @@
+"""From names in a configuration to objects: datasets, models, layers, methods, profiles.
+
+Every resolver raises ``ValueError``/``TypeError`` naming what was not found and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
+
+__all__ = [
+    "import_callable",
+    "resolve_dataset",
+    "resolve_model",
+    "resolve_layers",
+    "BUILTIN_METHODS",
+    "MethodRunner",
+    "build_methods",
+    "filter_profiles",
+    "ImageFolderDataset",
+    "SampleView",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# ---------------------------------------------------------------------------------------------
+# callables
+# ---------------------------------------------------------------------------------------------
+def import_callable(spec: str, base_dir: Union[str, Path] = ".") -> Callable[..., Any]:
+    """``"package.module:attr"`` or ``"path/to/file.py:attr"`` -> the object (``attr`` may be dotted)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(
+            f"expected 'package.module:callable' or 'path/to/file.py:callable', got {spec!r} (missing ':')"
+        )
+    mod_name, attr = spec.rsplit(":", 1)
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        path = Path(mod_name).expanduser()
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise ValueError(f"{spec!r}: file {str(path)!r} not found")
+        key = "_captum_normgrad_runner_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(key)
+        if module is None:
+            s = importlib.util.spec_from_file_location(key, str(path))
+            if s is None or s.loader is None:  # pragma: no cover
+                raise ValueError(f"{spec!r}: cannot import {path}")
+            module = importlib.util.module_from_spec(s)
+            sys.modules[key] = module
+            try:
+                s.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(key, None)
+                raise
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"{spec!r}: cannot import module {mod_name!r} ({e})") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{spec!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} is not callable")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------------
+def _image_transform(spec: DatasetSpec) -> Callable[[Any], Tensor]:
+    from torchvision import transforms as T
+
+    steps: List[Any] = []
+    if spec.image_size is not None:
+        steps.append(T.Resize(tuple(spec.image_size)))
+    steps.append(T.ToTensor())
+    if spec.mean is not None:
+        steps.append(T.Normalize(spec.mean, spec.std))
+    return T.Compose(steps)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images under ``root``: class sub-folders (labels = sorted folder index) or a flat folder (no labels).
+
+    Files are found recursively by extension and sorted; a file that cannot be decoded raises on
+    access (the runner reports and skips it). ``sample_id(i)`` is the path relative to ``root``.
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable[[Any], Tensor]] = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"dataset root {str(self.root)!r} is not a folder of images")
+        self.transform = transform
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        loose = [p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        self.classes: List[str] = []
+        self.samples: List[Tuple[Path, int]] = []
+        if subdirs and not loose:
+            self.classes = [d.name for d in subdirs]
+            for c, d in enumerate(subdirs):
+                for p in sorted(d.rglob("*")):
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                        self.samples.append((p, c))
+        else:
+            for p in sorted(self.root.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                    self.samples.append((p, -1))
+        if not self.samples:
+            raise ValueError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}; "
+                "point dataset root at a folder of images or of class sub-folders"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample_id(self, i: int) -> str:
+        return self.samples[i][0].relative_to(self.root).as_posix()
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            x = self.transform(im) if self.transform is not None else torch.from_numpy(
+                __import__("numpy").asarray(im).copy()
+            ).permute(2, 0, 1).float() / 255.0
+        return x, label
+
+
+GENERATED_DATASETS = {
+    "shapes": "ShapesDataset",
+    "two_object": "TwoObjectShapesDataset",
+}
+
+
+def _generated_dataset(spec: DatasetSpec) -> Any:
+    """The package's generated dataset: ``name = "shapes"`` (default) or ``"two_object"``.
+
+    ``kwargs`` go to the class (``num_images`` is required; ``split`` or ``seed``, ``image_size``).
+    Items are ``(image, label, mask)``; for two-object images the label used is the first
+    object's class.
+    """
+    from captum_normgrad import datasets as ds_mod
+
+    name = spec.name or "shapes"
+    if name not in GENERATED_DATASETS:
+        raise ValueError(
+            f"unknown generated dataset {name!r}; choose one of {', '.join(map(repr, GENERATED_DATASETS))}"
+        )
+    kwargs = dict(spec.kwargs)
+    if "num_images" not in kwargs:
+        raise ValueError("the generated dataset needs kwargs.num_images = how many images to generate")
+    return getattr(ds_mod, GENERATED_DATASETS[name])(**kwargs)
+
+
+def resolve_dataset(cfg: RunConfig) -> Any:
+    """The map-style dataset of ``cfg.dataset`` (before ``limit`` is applied)."""
+    spec = cfg.dataset
+    if spec.kind == "folder":
+        return ImageFolderDataset(cfg.resolve_path(spec.root or "."), transform=_image_transform(spec))
+    if spec.kind == "torchvision":
+        import torchvision
+
+        cls = getattr(torchvision.datasets, spec.name or "", None)
+        if cls is None or not inspect.isclass(cls):
+            raise ValueError(
+                f"torchvision.datasets has no dataset class {spec.name!r}; e.g. 'CIFAR10', 'ImageNet', 'FakeData'"
+            )
+        kwargs = dict(spec.kwargs)
+        if "root" in inspect.signature(cls).parameters and spec.root is not None:
+            kwargs.setdefault("root", str(cfg.resolve_path(spec.root)))
+        kwargs.setdefault("transform", _image_transform(spec))
+        try:
+            return cls(**kwargs)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"could not open torchvision dataset {spec.name} ({e}); check root (and download=true if allowed)"
+            ) from e
+    if spec.kind == "generated":
+        return _generated_dataset(spec)
+    fn = import_callable(spec.factory or "", cfg.base_dir)
+    return fn(**spec.kwargs)
+
+
+def dataset_length(ds: Any) -> int:
+    try:
+        n = len(ds)
+    except TypeError:
+        raise TypeError(
+            f"the dataset ({type(ds).__name__}) has no len(); the runner needs a map-style dataset "
+            "(__len__ and __getitem__) to shard it"
+        ) from None
+    return int(n)
+
+
+@dataclass
+class SampleView:
+    """One sample as the runner sees it."""
+
+    index: int
+    id: str
+    ok: bool
+    input: Optional[Tensor] = None
+    label: int = -1
+    error: str = ""
+
+
+def _unpack(item: Any) -> Tuple[Tensor, int]:
+    label: Any = -1
+    if isinstance(item, dict):
+        x = next((item[k] for k in ("image", "input", "x", "img") if k in item), None)
+        label = next((item[k] for k in ("label", "target", "y") if k in item), -1)
+    elif isinstance(item, (tuple, list)):
+        x = item[0]
+        if len(item) > 1:
+            label = item[1]
+    else:
+        x = item
+    if x is None:
+        raise TypeError("dataset item has no image (expected (image, label), a dict with 'image', or a tensor)")
+    if not isinstance(x, Tensor):
+        try:
+            import numpy as np
+
+            x = torch.as_tensor(np.asarray(x))
+        except Exception:
+            raise TypeError(f"dataset item image is a {type(x).__name__}, expected a tensor; add a transform") from None
+    if isinstance(label, Tensor):
+        label = int(label.reshape(-1)[0]) if label.numel() else -1
+    elif label is None:
+        label = -1
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        label = -1
+    return x, label
+
+
+class SafeDataset(torch.utils.data.Dataset):
+    """Wrap a dataset so that a sample that raises becomes a failed :class:`SampleView`."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return dataset_length(self.ds)
+
+    def sample_id(self, i: int) -> str:
+        fn = getattr(self.ds, "sample_id", None)
+        if callable(fn):
+            try:
+                return str(fn(i))
+            except Exception:
+                pass
+        return str(i)
+
+    def __getitem__(self, i: int) -> SampleView:
+        sid = self.sample_id(i)
+        try:
+            x, label = _unpack(self.ds[i])
+        except Exception as e:  # unreadable sample: reported, not fatal
+            return SampleView(int(i), sid, False, error=f"{type(e).__name__}: {e}")
+        return SampleView(int(i), sid, True, x, label)
+
+
+def collate_views(batch: List[SampleView]) -> List[SampleView]:
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# models and layers
+# ---------------------------------------------------------------------------------------------
+def resolve_model(cfg: RunConfig) -> nn.Module:
+    """The model of ``cfg.model`` in eval mode (on the CPU; the runner moves it)."""
+    spec: ModelSpec = cfg.model
+    if spec.source == "torchvision":
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(spec.name, weights=spec.weights, **spec.kwargs)
+        except ValueError as e:
+            raise ValueError(f"torchvision model {spec.name!r} with weights={spec.weights!r}: {e}") from e
+        except (OSError, RuntimeError) as e:  # weights download impossible offline
+            raise ValueError(
+                f"could not load torchvision weights {spec.weights!r} for {spec.name!r} ({e}); put them in the torch "
+                "hub cache, give checkpoint = 'file', or drop weights for a random initialisation"
+            ) from e
+    elif spec.source == "benchmark":
+        from captum_normgrad.models import load_benchmark_model
+
+        # weights: omitted -> the committed trained weights; "none"/"random" -> random init; else a file
+        w: Optional[str] = "default" if spec.weights is None else spec.weights
+        if w is not None and w.lower() in ("none", "random"):
+            w = None
+        elif w is not None and w != "default":
+            w = str(cfg.resolve_path(w))
+        model = load_benchmark_model(spec.name, weights=w, **spec.kwargs)
+    else:
+        model = import_callable(spec.factory or "", cfg.base_dir)(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned a {type(model).__name__}, expected a torch.nn.Module")
+    if spec.checkpoint:
+        path = cfg.resolve_path(spec.checkpoint)
+        if not path.is_file():
+            raise ValueError(f"model checkpoint {str(path)!r} not found")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """Modules by their ``named_modules()`` names, with close matches suggested on a typo."""
+    mods = dict(model.named_modules())
+    aliases = {f"block{i + 1}": b for i, b in enumerate(getattr(model, "block_names", None) or [])}
+    out = []
+    for n in names:
+        n = aliases.get(n, n) if n not in mods else n
+        if n not in mods:
+            import difflib
+
+            close = difflib.get_close_matches(n, [k for k in mods if k], n=5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"the model has no layer {n!r} (names as in model.named_modules()){hint}")
+        out.append(mods[n])
+    return out
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's class and state (names, dtypes, shapes, values)."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------
+# name -> (class spec, default attribute() kwargs, default constructor kwargs)
+BUILTIN_METHODS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
+    "normgrad": ("captum_normgrad.normgrad:LayerNormGrad", {}, {}),
+    "normgrad_selective": (
+        "captum_normgrad.normgrad:LayerNormGrad",
+        {"virtual_layer": "scaling", "aggregation": "filter_norm"},
+        {},
+    ),
+    "normgrad_weights": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "weights"}, {}),
+    "gradxact_sum": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "scaling", "aggregation": "sum"}, {}),
+    "normgrad_order1": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {}, {}),
+    "normgrad_order1_adversarial": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {"adversarial": True}, {}),
+    "gradcam": ("captum.attr:LayerGradCam", {}, {}),
+    "gradxact": ("captum.attr:LayerGradientXActivation", {}, {}),
+}
+_MULTI_LAYER_PREFIX = "captum_normgrad."
+
+
+class MethodRunner:
+    """One configured attribution method over its layers: ``maps(x, target) -> {key: (N, ...)}``."""
+
+    def __init__(self, spec: MethodSpec, model: nn.Module, layer_names: Sequence[str], base_dir: str = ".") -> None:
+        self.spec = spec
+        self.name = str(spec.name)
+        self.layer_names = list(layer_names)
+        if spec.method in BUILTIN_METHODS:
+            cls_spec, kw, init_kw = BUILTIN_METHODS[spec.method]
+        elif ":" in spec.method:
+            cls_spec, kw, init_kw = spec.method, {}, {}
+        else:
+            raise ValueError(
+                f"unknown method {spec.method!r}; choose one of {', '.join(map(repr, BUILTIN_METHODS))} "
+                "or give 'package.module:Class' for any Captum layer attribution"
+            )
+        try:
+            cls = import_callable(cls_spec, base_dir)
+        except ValueError as e:
+            raise ValueError(f"method {spec.method!r} is not available in this install: {e}") from e
+        self.kwargs = {**kw, **spec.kwargs}
+        init_kwargs = {**init_kw, **spec.init_kwargs}
+        layers = resolve_layers(model, self.layer_names)
+        self.multi = cls_spec.startswith(_MULTI_LAYER_PREFIX)
+        if self.multi:
+            self.attrs = [cls(model, layers, **init_kwargs)]
+        else:
+            self.attrs = [cls(model, layer, **init_kwargs) for layer in layers]
+
+    def maps(self, x: Tensor, target: Tensor) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        if self.multi:
+            res = self.attrs[0].attribute(x, target=target, **self.kwargs)
+            per_layer = list(res)
+        else:
+            per_layer = [a.attribute(x, target=target, **self.kwargs) for a in self.attrs]
+        for name, r in zip(self.layer_names, per_layer):
+            if isinstance(r, Tensor):
+                out[f"maps/{self.name}/{name}"] = r.detach()
+            else:
+                for i, t in enumerate(r):
+                    out[f"maps/{self.name}/{name}/{i}"] = t.detach()
+        return out
+
+
+def build_methods(cfg: RunConfig, model: nn.Module) -> List[MethodRunner]:
+    return [MethodRunner(m, model, m.layers or cfg.layers, cfg.base_dir) for m in cfg.methods]
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter-saliency profiles (METHODS.md section 3)
+# ---------------------------------------------------------------------------------------------
+def filter_names(model: nn.Module) -> List[str]:
+    """``"param_name[j]"`` for every output channel j of every 4-D weight, in named_parameters order."""
+    names = []
+    for k, p in model.named_parameters():
+        if p.requires_grad and p.dim() == 4:
+            names.extend(f"{k}[{j}]" for j in range(p.shape[0]))
+    if not names:
+        raise ValueError("parameter-saliency statistics need a model with convolution (4-D) weights")
+    return names
+
+
+def filter_profiles(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample, per-filter ``mean |d CE(model(x_i), y_i) / d W_j|``: shape ``(N, F)``.
+
+    Per-sample gradients with ``torch.func.vmap(grad(...))`` on a parameter dict (the model is
+    not modified); filters of every 4-D weight in ``named_parameters()`` order.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    if (y < 0).any():
+        raise ValueError(
+            "parameter-saliency statistics need the true label of every sample; the dataset gives none "
+            "(a flat image folder has no labels: use class sub-folders)"
+        )
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    conv_keys = [k for k, p in params.items() if p.dim() == 4]
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+
+    def loss(p: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([grads[k].abs().flatten(2).mean(2) for k in conv_keys], dim=1)

@@ -1,0 +1,609 @@
+"""The runner: shard a dataset over ranks, compute maps (and statistics), write resumable shards.
+
+Works unchanged in one process or under ``torchrun --nproc_per_node=N`` (``gloo`` on CPU, ``nccl``
+on GPU). Shards are fixed blocks of ``shard_size`` consecutive dataset indices; shard ``k`` belongs
+to rank ``k % world_size`` (a disjoint, DistributedSampler-style split without padding), and each
+shard is cut into the same batches whatever the number of processes, so the output does not
+depend on the world size and a run can be resumed with a different one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import RunConfig, config_hash, diff_configs, load_config
+from .resolve import (
+    SafeDataset,
+    SampleView,
+    build_methods,
+    collate_views,
+    dataset_length,
+    filter_names,
+    filter_profiles,
+    model_fingerprint,
+    resolve_dataset,
+    resolve_model,
+)
+from .storage import (
+    SHARD_DIR,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_marker,
+    remove_stale_temporaries,
+    shard_is_complete,
+    shard_paths,
+    write_shard,
+)
+from .welford import WelfordState, merge_states
+
+__all__ = ["run", "RunReport", "OutputDirError", "shard_ranges", "shards_of_rank"]
+
+FORMAT = "captum-normgrad-runner/1"
+_MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used for this configuration (another run's, or foreign files)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding
+# ---------------------------------------------------------------------------------------------
+def shard_ranges(num_samples: int, shard_size: int) -> List[range]:
+    """Dataset indices of every shard: consecutive blocks of ``shard_size`` (the last may be shorter)."""
+    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def shards_of_rank(num_shards: int, rank: int, world_size: int) -> List[int]:
+    """Shards owned by ``rank``: ``k % world_size == rank`` (disjoint, covering every shard)."""
+    return list(range(rank, num_shards, world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed
+# ---------------------------------------------------------------------------------------------
+class _Dist:
+    """Process-group handle: joins an existing group, starts one under torchrun, or runs alone."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.created = False
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device == "auto":
+            use_cuda = torch.cuda.is_available()
+            self.device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
+        elif cfg.device == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {cfg.device!r} requested but CUDA is not available; use device = 'auto' or 'cpu'")
+            self.device = torch.device(cfg.device) if ":" in cfg.device else torch.device("cuda", local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if dist.is_available() and dist.is_initialized():
+            self.active = dist.get_world_size() > 1
+        elif dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend=self.backend, timeout=timedelta(seconds=float(cfg.timeout_s)))
+            self.created = True
+            self.active = True
+        else:
+            self.active = False
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        if not self.active:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.created and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunReport:
+    """What a run did. ``str(report)`` is the human summary printed by the CLI.
+
+    Attributes:
+        output (str): the output directory.
+        config_hash (str): hash of the configuration (and dataset size).
+        world_size (int): number of processes of this run.
+        num_samples (int): samples in the (limited) dataset.
+        samples_written (int): samples in the output (all shards, this run and earlier ones).
+        samples_computed (int): samples computed by this run (all ranks).
+        shards_total, shards_computed, shards_skipped (int): shard counts; skipped = already
+                    complete from an earlier run.
+        failed (list[dict]): unreadable samples (``id``, ``index``, ``error``), skipped.
+        seconds (float): wall-clock seconds of the processing phase (slowest rank).
+        total_seconds (float): wall-clock seconds of the whole call on rank 0 (set-up included).
+        samples_per_s (float): ``samples_computed / seconds``.
+        per_rank (list[dict]): per rank: shards, samples, seconds, samples/s.
+        statistics (str, optional): path of the merged statistics file.
+    """
+
+    output: str
+    config_hash: str
+    world_size: int
+    num_samples: int
+    samples_written: int
+    samples_computed: int
+    shards_total: int
+    shards_computed: int
+    shards_skipped: int
+    failed: List[Dict[str, Any]]
+    seconds: float
+    total_seconds: float
+    samples_per_s: float
+    per_rank: List[Dict[str, Any]] = field(default_factory=list)
+    statistics: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"run {self.config_hash} -> {self.output}",
+            f"  samples: {self.samples_written}/{self.num_samples} in the output "
+            f"({self.samples_computed} computed now, {len(self.failed)} unreadable)",
+            f"  shards: {self.shards_total} ({self.shards_computed} computed, {self.shards_skipped} already complete)",
+            f"  time: {self.seconds:.2f} s processing, {self.total_seconds:.2f} s in all; "
+            f"{self.samples_per_s:.2f} samples/s on {self.world_size} process(es)",
+        ]
+        for r in self.per_rank:
+            lines.append(
+                f"    rank {r['rank']}: {r['samples_computed']} samples in {r['shards_computed']} shards "
+                f"({r['shards_skipped']} skipped), {r['seconds']:.2f} s, {r['samples_per_s']:.2f} samples/s"
+            )
+        if self.statistics:
+            lines.append(f"  statistics: {self.statistics}")
+        if self.failed:
+            lines.append(f"  unreadable samples skipped ({len(self.failed)}):")
+            for f in self.failed[:50]:
+                lines.append(f"    [{f['index']}] {f['id']}: {f['error']}")
+            if len(self.failed) > 50:
+                lines.append(f"    ... and {len(self.failed) - 50} more (see index.json)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# output directory
+# ---------------------------------------------------------------------------------------------
+def _prepare_output(out: Path, cfg: RunConfig, h: str, run_info: Dict[str, Any]) -> None:
+    """Create ``out`` for this configuration, or check that it holds this configuration's run."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
+    run_json = out / "run.json"
+    if run_json.is_file():
+        try:
+            prev = json.loads(run_json.read_text(encoding="utf-8"))
+            prev_hash = prev["config_hash"]
+        except (ValueError, KeyError, OSError) as e:
+            raise OutputDirError(
+                f"{run_json} is unreadable ({e}); this folder cannot be resumed safely. Delete it or choose another output"
+            ) from None
+        if prev_hash != h:
+            changed = diff_configs(
+                {"config": prev.get("config", {}), **prev.get("extra", {})},
+                {"config": cfg.hashed_dict(), **run_info["extra"]},
+            )
+            what = ", ".join(changed) if changed else "unknown fields"
+            raise OutputDirError(
+                f"output directory {str(out)!r} holds a run of a different configuration (its hash {prev_hash}, this "
+                f"configuration {h}; differing: {what}). Resuming would mix incompatible results: use another output "
+                "directory, or delete this one to start over"
+            )
+        remove_stale_temporaries(out)
+        (out / SHARD_DIR).mkdir(exist_ok=True)
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputDirError(
+            f"output directory {str(out)!r} is not empty and is not a runner output (no run.json); choose a new or "
+            "empty folder"
+        )
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_json, {**run_info, "config_hash": h, "config": cfg.hashed_dict()})
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard
+# ---------------------------------------------------------------------------------------------
+def _stack(views: Sequence[SampleView]) -> Tensor:
+    shapes = {tuple(v.input.shape) for v in views}  # type: ignore[union-attr]
+    if len(shapes) > 1:
+        raise ValueError(
+            f"samples of one batch have different shapes {sorted(shapes)}; set dataset.image_size = [h, w] "
+            "(or a transform) so that every image has the same size"
+        )
+    return torch.stack([v.input for v in views])  # type: ignore[misc]
+
+
+def _targets(cfg: RunConfig, labels: Tensor, pred: Tensor, ids: Sequence[str]) -> Tensor:
+    if cfg.target == "prediction":
+        return pred
+    if cfg.target == "label":
+        if (labels < 0).any():
+            bad = [i for i, l in zip(ids, labels.tolist()) if l < 0][:3]
+            raise ValueError(
+                f"target = 'label' but the dataset gives no label for {bad}; use target = 'prediction' (or a class "
+                "index), or give a dataset with labels (class sub-folders for a folder dataset)"
+            )
+        return labels
+    return torch.full_like(labels, int(cfg.target))
+
+
+class _Computer:
+    """Everything needed to turn a list of sample indices into shard tensors."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, dataset: SafeDataset, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.dataset = dataset
+        self.device = device
+        self.methods = build_methods(cfg, model)
+        self.stats = cfg.statistics.parameter_saliency
+        self.filter_names = filter_names(model) if self.stats else []
+        self.map_dtype = _MAP_DTYPES[cfg.map_dtype]
+
+    def warm_up(self, index: int) -> None:
+        v = self.dataset[index]
+        if not v.ok:
+            return
+        x = v.input.unsqueeze(0).to(self.device)  # type: ignore[union-attr]
+        with torch.no_grad():
+            logits = self.model(x)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            return
+        pred = logits.argmax(1)
+        label = torch.tensor([v.label], dtype=torch.int64, device=self.device)
+        target = pred if (self.cfg.target == "label" and v.label < 0) else _targets(self.cfg, label, pred, [v.id])
+        for m in self.methods:
+            m.maps(x, target)
+        if self.stats and v.label >= 0:
+            filter_profiles(self.model, x, label)
+
+    def shard(self, indices: range, bar: Any) -> Tuple[Dict[str, Tensor], Dict[str, Any], Optional[WelfordState]]:
+        from torch.utils.data import DataLoader, Subset
+
+        loader = DataLoader(
+            Subset(self.dataset, list(indices)),
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate_views,
+        )
+        cols: Dict[str, List[Tensor]] = {}
+        meta: Dict[str, List[Any]] = {"indices": [], "ids": [], "targets": [], "predictions": [], "failed": []}
+        state = WelfordState.empty(len(self.filter_names)) if self.stats else None
+        for views in loader:
+            ok = [v for v in views if v.ok]
+            meta["failed"].extend({"index": v.index, "id": v.id, "error": v.error} for v in views if not v.ok)
+            if ok:
+                x = _stack(ok).to(self.device)
+                labels = torch.tensor([v.label for v in ok], dtype=torch.int64, device=self.device)
+                ids = [v.id for v in ok]
+                with torch.no_grad():
+                    logits = self.model(x)
+                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                    raise ValueError(
+                        "the runner needs a classifier returning (N, classes) logits; got "
+                        f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}"
+                    )
+                pred = logits.argmax(1)
+                target = _targets(self.cfg, labels, pred, ids)
+                batch: Dict[str, Tensor] = {
+                    "index": torch.tensor([v.index for v in ok], dtype=torch.int64),
+                    "target": target.cpu(),
+                    "prediction": pred.cpu(),
+                }
+                for m in self.methods:
+                    for k, t in m.maps(x, target).items():
+                        batch[k] = t.to(device="cpu", dtype=self.map_dtype if t.is_floating_point() else t.dtype)
+                for k, t in batch.items():
+                    cols.setdefault(k, []).append(t)
+                if state is not None:
+                    state = state.update(filter_profiles(self.model, x, labels))
+                meta["indices"].extend(v.index for v in ok)
+                meta["ids"].extend(ids)
+                meta["targets"].extend(int(t) for t in target.tolist())
+                meta["predictions"].extend(int(p) for p in pred.tolist())
+            if bar is not None:
+                bar.update(len(views))
+        tensors = {k: torch.cat(v) for k, v in cols.items()}
+        if not tensors:  # every sample of the shard unreadable
+            tensors = {k: torch.zeros(0, dtype=torch.int64) for k in ("index", "target", "prediction")}
+        if state is not None:
+            tensors.update(state.to_tensors("stats/"))
+        return tensors, meta, state
+
+
+def _load_shard_state(out: Path, shard: int) -> WelfordState:
+    from safetensors import safe_open
+
+    path, _ = shard_paths(out, shard)
+    with safe_open(str(path), framework="pt") as f:
+        return WelfordState.from_tensors({k: f.get_tensor(k) for k in ("stats/count", "stats/mean", "stats/m2")}, "stats/")
+
+
+def _progress(cfg: RunConfig, rank: int, world: int, total: int, initial: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        position=rank,
+        desc=f"rank {rank}/{world}",
+        unit="sample",
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def run(
+    config: Union[RunConfig, str, Path],
+    *,
+    model: Optional[nn.Module] = None,
+    dataset: Optional[Any] = None,
+) -> RunReport:
+    """Compute attribution maps (and statistics) for a whole dataset into a resumable output folder.
+
+    Call it the same way in one process or in every process started by
+    ``torchrun --nproc_per_node=N``: under torchrun (``WORLD_SIZE > 1``) a process group is started
+    (``gloo`` on CPU, ``nccl`` on GPU) unless one is already initialised, and each rank computes the
+    shards ``k % world_size == rank``. Completed shards found in the output folder are skipped; an
+    output folder written by another configuration is refused.
+
+    Args:
+        config (RunConfig, str or Path): the configuration, or the path of a ``.toml``/``.json`` file.
+        model (nn.Module, optional): use this model instead of ``config.model`` (a deep copy is
+                    used; the caller's model is never modified). Its state enters the configuration
+                    hash.
+                    Default: None
+        dataset (Dataset, optional): use this map-style dataset instead of ``config.dataset``
+                    (items ``(image, label)``; an optional ``sample_id(i)`` method names samples).
+                    Default: None
+
+    Returns:
+        *RunReport*: the same report on every rank (samples, seconds, samples/s, per-rank figures,
+        unreadable samples).
+
+    Raises:
+        OutputDirError: the output folder holds another configuration's run or foreign files.
+        ShardWriteError: a shard could not be written (it is not marked complete; rerun to resume).
+        ValueError, TypeError: an invalid configuration, with the fix in the message.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    cfg.validate()
+    t_call = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    d = _Dist(cfg)
+    try:
+        return _run(cfg, d, model, dataset, t_call)
+    finally:
+        d.close()
+
+
+def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Optional[Any], t_call: float) -> RunReport:
+    out = cfg.output_dir
+    ds = resolve_dataset(cfg) if user_ds is None else user_ds
+    n = dataset_length(ds)
+    if cfg.dataset.limit is not None:
+        n = min(n, cfg.dataset.limit)
+    if n == 0:
+        raise ValueError("the dataset is empty; nothing to run")
+    if user_model is not None:
+        if not isinstance(user_model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(user_model).__name__}")
+        model = copy.deepcopy(user_model)
+    else:
+        model = resolve_model(cfg)
+    model = model.eval().to(d.device)
+    for p in model.parameters():  # the runner's own copy: no write into a caller's model
+        p.grad = None
+    extra: Dict[str, Any] = {"num_samples": n}
+    if user_model is not None:
+        extra["model_fingerprint"] = model_fingerprint(user_model)
+    if user_ds is not None:
+        extra["dataset_class"] = f"{type(user_ds).__module__}.{type(user_ds).__qualname__}"
+    h = config_hash(cfg, extra)
+    ranges = shard_ranges(n, cfg.shard_size)
+    computer = _Computer(cfg, model, SafeDataset(ds), d.device)  # resolves methods/layers before any write
+
+    # rank 0 prepares (or checks) the output folder; every rank raises the same error
+    err: Optional[str] = None
+    if d.rank == 0:
+        try:
+            _prepare_output(
+                out,
+                cfg,
+                h,
+                {"format": FORMAT, "num_samples": n, "num_shards": len(ranges), "shard_size": cfg.shard_size, "extra": extra},
+            )
+        except OutputDirError as e:
+            err = str(e)
+    err = d.broadcast_object(err)
+    if err is not None:
+        raise OutputDirError(err)
+
+    mine = shards_of_rank(len(ranges), d.rank, d.world)
+    done: Dict[int, Dict[str, Any]] = {}
+    for s in mine:
+        m = shard_is_complete(out, s, h, cfg.verify)
+        if m is not None:
+            done[s] = m
+    todo = [s for s in mine if s not in done]
+    bar = _progress(cfg, d.rank, d.world, sum(len(ranges[s]) for s in mine), sum(len(ranges[s]) for s in done))
+    states: Dict[int, WelfordState] = {}
+    computed = 0
+    if todo:  # warm-up on one sample (first-call costs of autograd / torch.func stay out of the timing)
+        computer.warm_up(ranges[todo[0]][0])
+    d.barrier()
+    t0 = time.perf_counter()
+    try:
+        for s in todo:
+            ts = time.perf_counter()
+            tensors, meta, state = computer.shard(ranges[s], bar)
+            marker = {
+                "config_hash": h,
+                "rank": d.rank,
+                "num_samples": len(meta["indices"]),
+                "seconds": round(time.perf_counter() - ts, 6),
+                **meta,
+            }
+            write_shard(out, s, tensors, marker, metadata={"format": FORMAT, "config_hash": h, "shard": str(s)})
+            computed += len(meta["indices"]) + len(meta["failed"])
+            if state is not None:
+                states[s] = state
+            if bar is not None and d.rank == 0:
+                n_done = len(list((out / SHARD_DIR).glob("shard-*.done.json")))
+                bar.set_postfix_str(f"all ranks: {n_done}/{len(ranges)} shards", refresh=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if computer.stats:
+        for s in done:
+            states[s] = _load_shard_state(out, s)
+
+    mine_summary = {
+        "rank": d.rank,
+        "shards_computed": len(todo),
+        "shards_skipped": len(done),
+        "samples_computed": computed,
+        "seconds": seconds,
+        "samples_per_s": computed / seconds if seconds > 0 else 0.0,
+        "stats": {s: (st.count, st.mean, st.m2) for s, st in states.items()},
+    }
+    gathered = d.all_gather_object(mine_summary)
+
+    merged: Optional[WelfordState] = None
+    if computer.stats:
+        # per-shard states from every rank, merged in shard order: independent of the world size
+        all_states: Dict[int, WelfordState] = {}
+        for g in gathered:
+            for s, (c, mu, m2) in g["stats"].items():
+                all_states[int(s)] = WelfordState(int(c), mu, m2)
+        missing = [s for s in range(len(ranges)) if s not in all_states]
+        if missing:
+            raise RuntimeError(f"statistics missing for shards {missing[:10]}")
+        merged = merge_states([all_states[s] for s in range(len(ranges))], len(computer.filter_names))
+
+    per_rank = [{k: v for k, v in g.items() if k != "stats"} for g in gathered]
+    report_dict: Optional[Dict[str, Any]] = None
+    err = None
+    if d.rank == 0:
+        try:
+            report_dict = _finish(out, cfg, h, n, ranges, per_rank, merged, computer.filter_names, d.world, t_call)
+        except Exception as e:  # shared with the other ranks, then raised everywhere
+            err = f"{type(e).__name__}: {e}"
+            if not d.active:
+                raise
+    report_dict, err = d.broadcast_object((report_dict, err))
+    if err is not None:
+        raise RuntimeError(f"rank 0 could not finish the run: {err}")
+    return RunReport(**report_dict)
+
+
+def _finish(
+    out: Path,
+    cfg: RunConfig,
+    h: str,
+    n: int,
+    ranges: List[range],
+    per_rank: List[Dict[str, Any]],
+    merged: Optional[WelfordState],
+    names: List[str],
+    world: int,
+    t_call: float,
+) -> Dict[str, Any]:
+    """Rank 0: check every shard, write index.json, statistics and report.json."""
+    samples: List[Dict[str, Any]] = []
+    failed: List[Dict[str, Any]] = []
+    for s, r in enumerate(ranges):
+        m = shard_is_complete(out, s, h, "size")
+        if m is None:
+            raise RuntimeError(f"shard {s} is not complete after the run; rerun the same command to resume")
+        for row, (i, sid, t, p) in enumerate(zip(m["indices"], m["ids"], m["targets"], m["predictions"])):
+            samples.append({"id": sid, "index": i, "target": t, "prediction": p, "shard": s, "row": row})
+        failed.extend(m["failed"])
+        got = sorted(list(m["indices"]) + [f["index"] for f in m["failed"]])
+        if got != list(r):
+            raise RuntimeError(f"shard {s} holds samples {got[:5]}... instead of {r}; delete it and rerun")
+    seen = [x["index"] for x in samples] + [f["index"] for f in failed]
+    if len(seen) != n or len(set(seen)) != n:
+        raise RuntimeError(f"the output holds {len(seen)} sample entries for {n} samples ({len(set(seen))} distinct)")
+    samples.sort(key=lambda x: x["index"])
+    failed.sort(key=lambda x: x["index"])
+    atomic_write_json(
+        out / "index.json",
+        {"format": FORMAT, "config_hash": h, "num_samples": n, "num_shards": len(ranges), "samples": samples, "failed": failed},
+    )
+    stats_path: Optional[str] = None
+    if merged is not None:
+        from safetensors.torch import save
+
+        tensors = {**merged.to_tensors(), "std": merged.std()}
+        atomic_write_bytes(
+            out / "statistics.safetensors",
+            save(tensors, metadata={"format": FORMAT, "config_hash": h, "filter_names": json.dumps(names)}),
+        )
+        stats_path = str(out / "statistics.safetensors")
+    seconds = max(r["seconds"] for r in per_rank)
+    computed = sum(r["samples_computed"] for r in per_rank)
+    report = RunReport(
+        output=str(out),
+        config_hash=h,
+        world_size=world,
+        num_samples=n,
+        samples_written=len(samples),
+        samples_computed=computed,
+        shards_total=len(ranges),
+        shards_computed=sum(r["shards_computed"] for r in per_rank),
+        shards_skipped=sum(r["shards_skipped"] for r in per_rank),
+        failed=failed,
+        seconds=seconds,
+        total_seconds=time.perf_counter() - t_call,
+        samples_per_s=computed / seconds if seconds > 0 else 0.0,
+        per_rank=per_rank,
+        statistics=stats_path,
+    )
+    rd = report.to_dict()
+    atomic_write_json(out / "report.json", {**rd, "python": platform.python_version(), "torch": torch.__version__})
+    return rd
