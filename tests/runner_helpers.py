@@ -79,7 +79,7 @@ def worker_main(config: str, out: str, result: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=f"file://{result}.store", rank=rank, world_size=world)
     values = torch.arange(0, 7 * 5, dtype=torch.float64).reshape(7, 5).sin() * 3 + 1
-    merged = all_reduce_welford(WelfordState.from_batch(values[rank::world]))
+    merged = all_reduce_welford(WelfordState(5).update(values[rank::world]))
     Path(f"{result}.rank{rank}.json").write_text(
         json.dumps(
             {

@@ -30,6 +30,7 @@ from captum_normgrad.runner import (
     RunOutput,
     ShardWriteError,
     WelfordState,
+    all_reduce_welford,
     load_config,
     merge_states,
     run,
@@ -114,7 +115,7 @@ def test_welford_merge_equals_numpy(n: int, f: int, cuts: List[int], seed: int) 
     rng = np.random.default_rng(seed)
     values = rng.normal(3.0, 2.0, size=(n, f)) * rng.uniform(0.1, 10, size=f)
     bounds = sorted({0, n, *[c % (n + 1) for c in cuts]})
-    parts = [WelfordState.from_batch(torch.from_numpy(values[a:b])) for a, b in zip(bounds, bounds[1:])]
+    parts = [WelfordState(f).update(torch.from_numpy(values[a:b])) for a, b in zip(bounds, bounds[1:])]
     merged = merge_states(parts)
     assert merged.count == n
     np.testing.assert_allclose(merged.mean.numpy(), values.mean(0), rtol=1e-12, atol=1e-12)
@@ -124,11 +125,18 @@ def test_welford_merge_equals_numpy(n: int, f: int, cuts: List[int], seed: int) 
     np.testing.assert_allclose(rev.m2.numpy(), merged.m2.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_welford_std_floor_and_shape_mismatch() -> None:
-    s = WelfordState.from_batch(torch.tensor([[1.0, 2.0], [1.0, 4.0], [1.0, 6.0]], dtype=torch.float64))
+def test_merge_states_and_all_reduce_without_process_group() -> None:
+    s = WelfordState(2).update(torch.tensor([[1.0, 2.0], [1.0, 4.0], [1.0, 6.0]], dtype=torch.float64))
     assert s.std().tolist() == [1.0, 2.0]  # constant feature: sigma <= 1e-14 -> 1
     with pytest.raises(ValueError, match="different models"):
-        s.merge(WelfordState.empty(3))
+        merge_states([s, WelfordState(3)])
+    with pytest.raises(ValueError, match="at least one state"):
+        merge_states([])
+    assert merge_states([], num_features=2).count == 0
+    alone = all_reduce_welford(s)  # one process: a copy
+    assert alone is not s and alone.count == 3 and torch.equal(alone.m2, s.m2)
+    with pytest.raises(TypeError, match="WelfordState"):
+        all_reduce_welford("state")
 
 
 @given(n=st.integers(1, 60), size=st.integers(1, 9), world=st.integers(1, 5))
@@ -166,6 +174,10 @@ def test_single_process_matches_direct_computation(tmp_path: Path) -> None:
     stats = res.statistics()
     prof = _direct_profiles(model, ds.x, y)
     assert stats.count == 18
+    from captum_normgrad.parameter_saliency import ParameterSaliency
+
+    ps = ParameterSaliency(model).load(res.statistics_path)  # the library's own format
+    assert ps.is_fitted and torch.equal(ps.statistics.mean, stats.mean)
     np.testing.assert_allclose(stats.mean.numpy(), prof.mean(0), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(stats.variance().numpy(), prof.var(0, ddof=1), rtol=1e-4, atol=1e-12)
     # a second run is a no-op resume: everything skipped, output unchanged

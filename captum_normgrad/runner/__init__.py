@@ -13,7 +13,7 @@ Command line: ``captum-normgrad run run.toml`` or
 """
 
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig, StatisticsSpec, config_hash, load_config
-from .resolve import BUILTIN_METHODS, ImageFolderDataset, filter_profiles
+from .resolve import BUILTIN_METHODS, ImageFolderDataset
 from .run import OutputDirError, RunReport, run, shard_ranges, shards_of_rank
 from .storage import RunOutput, ShardWriteError
 from .welford import WelfordState, all_reduce_welford, merge_states
@@ -36,7 +36,6 @@ __all__ = [
     "all_reduce_welford",
     "BUILTIN_METHODS",
     "ImageFolderDataset",
-    "filter_profiles",
     "shard_ranges",
     "shards_of_rank",
 ]

@@ -183,16 +183,30 @@ class StatisticsSpec:
     """Reference statistics computed in the same pass.
 
     Attributes:
-        parameter_saliency (bool): accumulate per-filter parameter-saliency profiles (mean
+        parameter_saliency (bool): accumulate the parameter-saliency profiles of
+                    :class:`~captum_normgrad.parameter_saliency.ParameterSaliency` (mean
                     ``|dloss/dW_j|`` per conv filter, cross-entropy on the true label) into a
-                    Welford state (count, mean, M2), merged across shards and ranks.
+                    Welford state (count, mean, M2), merged across shards and ranks. Written as
+                    ``parameter_saliency.pt`` (``ParameterSaliency(model).load(...)`` reads it).
+        aggregation (str): ``"filter"`` or ``"parameter"`` (one value per weight: large states).
+        parameters (str or list[str], optional): ``"conv"``, ``"all"`` or parameter names
+                    (``ParameterSaliency``'s ``parameters``). Default: its default.
     """
 
     parameter_saliency: bool = False
+    aggregation: str = "filter"
+    parameters: Optional[Union[str, List[str]]] = None
 
     def validate(self) -> None:
         if not isinstance(self.parameter_saliency, bool):
             raise TypeError(f"statistics parameter_saliency must be true/false, got {self.parameter_saliency!r}")
+        if self.aggregation not in ("filter", "parameter"):
+            raise ValueError(f"statistics aggregation must be 'filter' or 'parameter', got {self.aggregation!r}")
+        if self.parameters is not None and not (
+            isinstance(self.parameters, str)
+            or (isinstance(self.parameters, list) and all(isinstance(p, str) for p in self.parameters))
+        ):
+            raise ValueError(f"statistics parameters must be 'conv', 'all' or a list of names, got {self.parameters!r}")
 
 
 def _layer_list(v: Any, what: str) -> List[str]:

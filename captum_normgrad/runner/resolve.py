@@ -27,7 +27,6 @@ __all__ = [
     "BUILTIN_METHODS",
     "MethodRunner",
     "build_methods",
-    "filter_profiles",
     "ImageFolderDataset",
     "SampleView",
 ]
@@ -427,42 +426,3 @@ class MethodRunner:
 
 def build_methods(cfg: RunConfig, model: nn.Module) -> List[MethodRunner]:
     return [MethodRunner(m, model, m.layers or cfg.layers, cfg.base_dir) for m in cfg.methods]
-
-
-# ---------------------------------------------------------------------------------------------
-# parameter-saliency profiles (METHODS.md section 3)
-# ---------------------------------------------------------------------------------------------
-def filter_names(model: nn.Module) -> List[str]:
-    """``"param_name[j]"`` for every output channel j of every 4-D weight, in named_parameters order."""
-    names = []
-    for k, p in model.named_parameters():
-        if p.requires_grad and p.dim() == 4:
-            names.extend(f"{k}[{j}]" for j in range(p.shape[0]))
-    if not names:
-        raise ValueError("parameter-saliency statistics need a model with convolution (4-D) weights")
-    return names
-
-
-def filter_profiles(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Per-sample, per-filter ``mean |d CE(model(x_i), y_i) / d W_j|``: shape ``(N, F)``.
-
-    Per-sample gradients with ``torch.func.vmap(grad(...))`` on a parameter dict (the model is
-    not modified); filters of every 4-D weight in ``named_parameters()`` order.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    if (y < 0).any():
-        raise ValueError(
-            "parameter-saliency statistics need the true label of every sample; the dataset gives none "
-            "(a flat image folder has no labels: use class sub-folders)"
-        )
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    conv_keys = [k for k, p in params.items() if p.dim() == 4]
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-
-    def loss(p: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
-
-    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([grads[k].abs().flatten(2).mean(2) for k in conv_keys], dim=1)

@@ -30,8 +30,6 @@ from .resolve import (
     build_methods,
     collate_views,
     dataset_length,
-    filter_names,
-    filter_profiles,
     model_fingerprint,
     resolve_dataset,
     resolve_model,
@@ -51,6 +49,7 @@ from .welford import WelfordState, merge_states
 __all__ = ["run", "RunReport", "OutputDirError", "shard_ranges", "shards_of_rank"]
 
 FORMAT = "captum-normgrad-runner/1"
+STATISTICS_FILE = "parameter_saliency.pt"
 _MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -273,8 +272,25 @@ class _Computer:
         self.device = device
         self.methods = build_methods(cfg, model)
         self.stats = cfg.statistics.parameter_saliency
-        self.filter_names = filter_names(model) if self.stats else []
+        self.saliency = None
+        self.num_features = 0
+        if self.stats:
+            from ..parameter_saliency import ParameterSaliency
+
+            self.saliency = ParameterSaliency(
+                model, aggregation=cfg.statistics.aggregation, parameters=cfg.statistics.parameters
+            )
+            self.num_features = self.saliency.num_features
         self.map_dtype = _MAP_DTYPES[cfg.map_dtype]
+
+    def profiles(self, x: Tensor, labels: Tensor, ids: Sequence[str]) -> Tensor:
+        if (labels < 0).any():
+            bad = [i for i, l in zip(ids, labels.tolist()) if l < 0][:3]
+            raise ValueError(
+                f"parameter-saliency statistics need the true label of every sample; none for {bad} (a flat "
+                "image folder has no labels: use class sub-folders, or turn statistics off)"
+            )
+        return self.saliency.profiles(x, labels)  # type: ignore[union-attr]
 
     def warm_up(self, index: int) -> None:
         v = self.dataset[index]
@@ -291,7 +307,7 @@ class _Computer:
         for m in self.methods:
             m.maps(x, target)
         if self.stats and v.label >= 0:
-            filter_profiles(self.model, x, label)
+            self.profiles(x, label, [v.id])
 
     def shard(self, indices: range, bar: Any) -> Tuple[Dict[str, Tensor], Dict[str, Any], Optional[WelfordState]]:
         from torch.utils.data import DataLoader, Subset
@@ -305,7 +321,7 @@ class _Computer:
         )
         cols: Dict[str, List[Tensor]] = {}
         meta: Dict[str, List[Any]] = {"indices": [], "ids": [], "targets": [], "predictions": [], "failed": []}
-        state = WelfordState.empty(len(self.filter_names)) if self.stats else None
+        state = WelfordState(self.num_features) if self.stats else None
         for views in loader:
             ok = [v for v in views if v.ok]
             meta["failed"].extend({"index": v.index, "id": v.id, "error": v.error} for v in views if not v.ok)
@@ -333,7 +349,7 @@ class _Computer:
                 for k, t in batch.items():
                     cols.setdefault(k, []).append(t)
                 if state is not None:
-                    state = state.update(filter_profiles(self.model, x, labels))
+                    state.update(self.profiles(x, labels, ids))
                 meta["indices"].extend(v.index for v in ok)
                 meta["ids"].extend(ids)
                 meta["targets"].extend(int(t) for t in target.tolist())
@@ -344,7 +360,7 @@ class _Computer:
         if not tensors:  # every sample of the shard unreadable
             tensors = {k: torch.zeros(0, dtype=torch.int64) for k in ("index", "target", "prediction")}
         if state is not None:
-            tensors.update(state.to_tensors("stats/"))
+            tensors["stats/welford"] = state.pack().cpu()
         return tensors, meta, state
 
 
@@ -353,7 +369,7 @@ def _load_shard_state(out: Path, shard: int) -> WelfordState:
 
     path, _ = shard_paths(out, shard)
     with safe_open(str(path), framework="pt") as f:
-        return WelfordState.from_tensors({k: f.get_tensor(k) for k in ("stats/count", "stats/mean", "stats/m2")}, "stats/")
+        return WelfordState.unpack(f.get_tensor("stats/welford"))
 
 
 def _progress(cfg: RunConfig, rank: int, world: int, total: int, initial: int) -> Any:
@@ -509,7 +525,7 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         "samples_computed": computed,
         "seconds": seconds,
         "samples_per_s": computed / seconds if seconds > 0 else 0.0,
-        "stats": {s: (st.count, st.mean, st.m2) for s, st in states.items()},
+        "stats": {s: st.pack().cpu() for s, st in states.items()},
     }
     gathered = d.all_gather_object(mine_summary)
 
@@ -518,19 +534,19 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         # per-shard states from every rank, merged in shard order: independent of the world size
         all_states: Dict[int, WelfordState] = {}
         for g in gathered:
-            for s, (c, mu, m2) in g["stats"].items():
-                all_states[int(s)] = WelfordState(int(c), mu, m2)
+            for s, packed in g["stats"].items():
+                all_states[int(s)] = WelfordState.unpack(packed)
         missing = [s for s in range(len(ranges)) if s not in all_states]
         if missing:
             raise RuntimeError(f"statistics missing for shards {missing[:10]}")
-        merged = merge_states([all_states[s] for s in range(len(ranges))], len(computer.filter_names))
+        merged = merge_states([all_states[s] for s in range(len(ranges))], computer.num_features)
 
     per_rank = [{k: v for k, v in g.items() if k != "stats"} for g in gathered]
     report_dict: Optional[Dict[str, Any]] = None
     err = None
     if d.rank == 0:
         try:
-            report_dict = _finish(out, cfg, h, n, ranges, per_rank, merged, computer.filter_names, d.world, t_call)
+            report_dict = _finish(out, cfg, h, n, ranges, per_rank, merged, computer.saliency, d.world, t_call)
         except Exception as e:  # shared with the other ranks, then raised everywhere
             err = f"{type(e).__name__}: {e}"
             if not d.active:
@@ -549,7 +565,7 @@ def _finish(
     ranges: List[range],
     per_rank: List[Dict[str, Any]],
     merged: Optional[WelfordState],
-    names: List[str],
+    saliency: Any,
     world: int,
     t_call: float,
 ) -> Dict[str, Any]:
@@ -577,14 +593,14 @@ def _finish(
     )
     stats_path: Optional[str] = None
     if merged is not None:
-        from safetensors.torch import save
+        # ParameterSaliency's own format (statistics + identity of the profiled parameters)
+        import io
 
-        tensors = {**merged.to_tensors(), "std": merged.std()}
-        atomic_write_bytes(
-            out / "statistics.safetensors",
-            save(tensors, metadata={"format": FORMAT, "config_hash": h, "filter_names": json.dumps(names)}),
-        )
-        stats_path = str(out / "statistics.safetensors")
+        saliency.statistics = merged
+        buf = io.BytesIO()
+        torch.save({**saliency.state_dict(), "runner_config_hash": h}, buf)
+        atomic_write_bytes(out / STATISTICS_FILE, buf.getvalue())
+        stats_path = str(out / STATISTICS_FILE)
     seconds = max(r["seconds"] for r in per_rank)
     computed = sum(r["samples_computed"] for r in per_rank)
     report = RunReport(

@@ -7,7 +7,7 @@ Layout of an output directory::
     shards/shard-00000.done.json     the completion marker, written *after* the shard file:
                                      sha256 and size of the shard file, sample ids, failures
     index.json                   every sample: id, dataset index, target, prediction, shard, row
-    statistics.safetensors       merged Welford state (count, mean, M2, std) when requested
+    parameter_saliency.pt        merged parameter-saliency statistics (ParameterSaliency.load format)
     report.json                  the last run's report
 
 Every file is written to a temporary file in the same folder, flushed, ``fsync``-ed and renamed
@@ -289,13 +289,17 @@ class RunOutput:
         order = torch.argsort(i)
         return i[order], torch.cat(vals)[order]
 
-    def statistics(self):  # -> WelfordState
-        """The merged parameter-saliency Welford state (needs ``statistics.parameter_saliency``)."""
-        from safetensors.torch import load_file
+    @property
+    def statistics_path(self) -> Path:
+        """``parameter_saliency.pt``: load it with ``ParameterSaliency(model).load(path)``."""
+        return self.out / "parameter_saliency.pt"
 
-        from .welford import WelfordState
+    def statistics(self) -> Any:
+        """The merged parameter-saliency :class:`~captum_normgrad.parameter_saliency.WelfordState`."""
+        from ..parameter_saliency import WelfordState
 
-        p = self.out / "statistics.safetensors"
+        p = self.statistics_path
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found; the run had no statistics or is not finished")
-        return WelfordState.from_tensors(load_file(str(p)))
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        return WelfordState.from_state_dict(state["welford"])
