@@ -22,8 +22,9 @@ The cases: LayerNormGrad is added to every Captum case that lists its sibling ``
 (``virtual_layer``, ``aggregation``, ``loss_fn``, ``attribute_to_layer_input``, a list of layers).
 
 Deviation, on purpose: for the incorrect target Captum's driver expects an ``AssertionError``
-(raised by ``torch``'s indexing helpers for its methods); ``LayerNormGrad`` validates targets
-itself and raises a ``ValueError`` naming the problem, which is what is asserted here.
+(from Captum's ``assert`` in ``captum._utils.common._verify_select_column``); ``LayerNormGrad``
+validates targets itself and raises a ``ValueError`` naming the problem, which is asserted here.
+The other two modes are unchanged (the raising module's ``AssertionError`` propagates).
 """
 
 from __future__ import annotations
