@@ -65,6 +65,7 @@ __all__ = [
     "device_sync",
     "fmt_ms",
     "fmt_mib",
+    "torchvision_model",
 ]
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -268,6 +269,17 @@ def peak_memory(fn: Callable[[], Any], device: Any = "cpu") -> Tuple[int, str]:
     top[0] = max(top[0], read_proc_status().get("VmRSS", 0))
     del out
     return max(int(top[0] - base), 0), "rss-sampling"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def torchvision_model(name: str, seed: int = 0, device: Any = "cpu") -> torch.nn.Module:
+    """A torchvision classifier with seeded random weights (no download), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(weights=None).eval().to(device)
 
 
 # --------------------------------------------------------------------------- reporting

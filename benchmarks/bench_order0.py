@@ -188,10 +188,7 @@ def unfold_reference_attribute(
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    return getattr(torchvision.models, name)(weights=None).eval()
+    return _timing.torchvision_model(name, seed)
 
 
 def gradcam_layers(name: str, model: nn.Module) -> List[Tuple[str, nn.Module]]:

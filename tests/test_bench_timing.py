@@ -374,3 +374,72 @@ def test_bench_order0_quick_writes_fragments(tmp_path, capsys):
     md = (tmp_path / "bench_order0.md").read_text()
     assert f"Command: `python benchmarks/bench_order0.py --quick --out {tmp_path} --no-progress`" in md
     assert payload["results"]["map_stage"][0]["max_rel_diff_vs_outer"] < 1e-4
+
+
+def test_bench_order1_quick_writes_fragments(tmp_path, capsys):
+    import bench_order1
+
+    assert bench_order1.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    payload = json.loads((tmp_path / "bench_order1.json").read_text())
+    (row,) = payload["results"]["speed"]
+    for key in ("order0_s", "finite_difference_s", "exact_s", "none_s", "naive_loop_s", "floor_s"):
+        assert row[key]["n"] == 1
+    # the naive per-sample loop and LayerNormGradOrder1 compute the same maps
+    assert row["max_rel_diff_naive_vs_ours"] < 1e-4
+    assert payload["results"]["memory"][0]["finite_difference_bytes"] >= 0
+    assert "python benchmarks/bench_order1.py --quick" in (tmp_path / "bench_order1.md").read_text()
+
+
+def test_bench_speed_quick_writes_fragments(tmp_path, capsys):
+    import bench_speed
+
+    assert bench_speed.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "bench_speed.json").read_text())["results"]
+    assert [r["method"] for r in rows] == list(bench_speed.METHODS)
+    assert next(r for r in rows if r["method"] == "LayerGradCam")["ratio_to_gradcam"] == 1.0
+    assert all(r["time_s"]["median"] > 0 and r["peak_bytes"] >= 0 for r in rows)
+    md = (tmp_path / "bench_speed.md").read_text()
+    assert "| NormGrad weights |" in md and "python benchmarks/bench_speed.py --quick" in md
+
+
+def test_naive_order1_matches_an_explicitly_stepped_deep_copy():
+    """The naive per-sample loop of bench_order1 against explicit SGD steps on deep copies."""
+    import copy
+
+    import bench_order1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    target = [2, 0]
+    eps = 1e-2
+    # the paper's formula by hand: deep copies stepped in place, theta_pm = theta +- h v
+    got = bench_order1.naive_order1(model, model[2], x, target, epsilon=eps)
+    for i in range(2):
+        def grads(m):
+            acts = {}
+            h = m[2].register_forward_hook(lambda mod, inp, out: acts.setdefault("a", out))
+            loss = F.cross_entropy(m(x[i : i + 1]), torch.tensor([target[i]]), reduction="sum")
+            h.remove()
+            ps = list(m.parameters())
+            g = torch.autograd.grad(loss, [acts["a"], *ps])
+            return acts["a"].detach(), g[0], g[1:]
+
+        stepped = copy.deepcopy(model)
+        _, _, g1 = grads(stepped)
+        with torch.no_grad():
+            for p, g in zip(stepped.parameters(), g1):
+                p -= eps * g
+        a, gp, v = grads(stepped)
+        hh = 0.5 / torch.sqrt(sum(t.square().sum() for t in v))
+        plus, minus = copy.deepcopy(model), copy.deepcopy(model)
+        with torch.no_grad():
+            for pp, pm, t in zip(plus.parameters(), minus.parameters(), v):
+                pp += hh * t
+                pm -= hh * t
+        _, g_plus, _ = grads(plus)
+        _, g_minus, _ = grads(minus)
+        expected = (gp - eps / (2 * hh) * (g_plus - g_minus)).norm(dim=1) * a.norm(dim=1)
+        torch.testing.assert_close(got[i : i + 1, 0], expected)
+    assert all(p.grad is None for p in model.parameters())
