@@ -222,8 +222,10 @@ def plot_figure1(result: DemoResult, path: Path, index: int = 0) -> Path:
         ax.set_yticks([])
     fig.suptitle(
         f"explaining {tname!r} (green outline); other object {oname!r} (red)\n"
-        f"numbers: share of positive map energy on {tname} / on {oname}",
+        f"numbers: share of positive map energy on {tname} / on {oname}"
+        + ("" if result.trained else "\nRANDOM WEIGHTS (no trained benchmark weights found): not meaningful"),
         fontsize=8,
+        color="black" if result.trained else "red",
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,6 +36,8 @@ from captum_normgrad.io import (
 )
 
 pytestmark = pytest.mark.timeout(300)
+torch.set_num_threads(1)  # the machine is shared: one thread is much faster than two contending ones
+
 
 NUM_CLASSES = 5
 SIZE = 64
