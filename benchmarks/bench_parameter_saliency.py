@@ -160,8 +160,8 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         "`functional_loop`: the same functional gradient with `vectorize=False`. On a CPU every method must "
         "materialise one full weight gradient per sample (11 M numbers for resnet18): that memory traffic, "
         "not Python overhead, dominates, and `vmap` turns the per-sample weight gradients into grouped "
-        "convolutions, which are slow on CPU. The batched path pays off on accelerators, where the loop is "
-        "bound by kernel-launch latency.",
+        "convolutions, which are slow on CPU. The batched path is meant for accelerators, where the loop is "
+        "bound by kernel-launch latency (not measured by this run unless --device cuda).",
         "",
         f"Command: `{payload['command']}`",
     ]

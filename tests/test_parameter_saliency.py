@@ -337,6 +337,10 @@ def test_unfitted_standardized_mode_and_other_bad_inputs():
     with pytest.raises(ValueError, match="fit"):
         ps.saliency(x, y, mode="norm")
     assert ps.saliency(x, y, mode="naive").shape == (2, ps.num_features)
+    same = ps.profiles(x, y)
+    torch.testing.assert_close(ps.profiles(x, y.numpy()), same)  # numpy labels
+    torch.testing.assert_close(ps.profiles(x, [np.int64(v) for v in y.tolist()]), same)
+    torch.testing.assert_close(ps.profiles(x[:1], int(y[0])), same[:1])
     with pytest.raises(ValueError, match="target is required"):
         ps.profiles(x, None)
     with pytest.raises(ValueError, match="3 outputs"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import copy
 import itertools
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -284,10 +285,12 @@ def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
         )
     if isinstance(target, Tensor):
         t = target.detach()
-    elif isinstance(target, (int,)) and not isinstance(target, bool):
+    elif isinstance(target, numbers.Integral) and not isinstance(target, bool):
         t = torch.full((n,), int(target), dtype=torch.long)
     elif isinstance(target, (list, tuple)):
-        t = torch.as_tensor(list(target))
+        t = torch.as_tensor([int(v) if isinstance(v, numbers.Integral) else v for v in target])
+    elif type(target).__module__ == "numpy" and hasattr(target, "shape"):
+        t = torch.as_tensor(target)
     else:
         raise TypeError(f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}")
     if t.dim() == 0:
