@@ -8,6 +8,13 @@ Measurements, interleaved in one process (see ``_timing.py``), medians of repeat
    straightforward loop (one ``autograd.grad`` per sample on the model). Target: batched >= 5x faster
    than the loop, at equal results (max. relative difference reported).
 2. ``fit`` throughput (samples/s) over a loader of random images, batch 16.
+3. Validation on the benchmark ``ShapesResNet`` (committed trained weights): statistics fitted on
+   validation images, the misclassified test images explained; layer-depth bias of the top-k
+   filters (naive, standardised, POT), turning the top-k filters off vs random and least salient,
+   and one SGD step on the top-k filters with its effect on nearest neighbours in saliency space.
+
+``--parts`` runs a subset; the parts not run keep their previous results from the JSON file in
+the output folder.
 
 Run from the repository root::
 
@@ -113,7 +120,65 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def run_validation(args: argparse.Namespace) -> Dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from captum_normgrad.datasets import ShapesDataset
+    from captum_normgrad.models import load_benchmark_model, weights_path
+    from captum_normgrad.parameter_saliency import (
+        ParameterSaliency,
+        POTScorer,
+        fine_tune_experiment,
+        layer_depth_bias,
+        turn_off_experiment,
+    )
+
+    trained = weights_path("resnet").is_file()
+    if not trained and not args.allow_random_weights:
+        return {"skipped": f"no trained weights at {weights_path('resnet')} (run benchmarks/train_models.py)"}
+    torch.manual_seed(0)
+    model = load_benchmark_model("resnet", weights="default" if trained else None)
+    progress = not args.no_progress
+    ps = ParameterSaliency(model, chunk_size=args.chunk)
+    t0 = time.perf_counter()
+    ps.fit(DataLoader(ShapesDataset(args.val_size, split="val"), batch_size=50), progress=progress, keep_profiles=True)
+    fit_s = time.perf_counter() - t0
+    pot = POTScorer(progress=progress).fit(ps.reference_profiles)
+    images, labels, _ = ShapesDataset(args.test_size, split="test").tensors()
+    with torch.no_grad():
+        pred = model(images).argmax(1)
+    wrong = torch.nonzero(pred != labels).flatten()
+    out: Dict[str, Any] = {
+        "weights": "trained" if trained else "random (--allow-random-weights)",
+        "num_filters": ps.num_features,
+        "reference_samples": args.val_size,
+        "fit_samples_per_s": args.val_size / fit_s,
+        "test_samples": args.test_size,
+        "misclassified": int(wrong.numel()),
+        "pot_fitted_filters": int(pot.fitted.sum()),
+    }
+    if wrong.numel() < 2:
+        out["skipped"] = "fewer than 2 misclassified test images"
+        return out
+    xw, yw = images[wrong], labels[wrong]
+    prof = ps.profiles(xw, yw)
+    out["depth_bias"] = list(layer_depth_bias(ps, prof, k=args.k, pot=pot))
+    ks = [k for k in (1, 5, 10, 25, 50) if k <= ps.num_features]
+    out["turn_off"] = {
+        "standardized": list(turn_off_experiment(ps, xw, yw, ks=ks, n_random=args.n_random, progress=progress)),
+        "pot": list(turn_off_experiment(ps, xw, yw, ks=ks, ranking=pot, n_random=args.n_random, progress=progress)),
+    }
+    n_nb = min(5, int(wrong.numel()) - 1)
+    out["fine_tune"] = {
+        "k": args.k, "lr": 1e-3, "steps": 1, "n_neighbors": n_nb,
+        "table": list(fine_tune_experiment(ps, xw, yw, k=args.k, lr=1e-3, steps=1, n_neighbors=n_nb, progress=progress)),
+    }
+    return out
+
+
 def targets(results: Dict[str, Any]) -> Dict[str, Any]:
+    if "profiles" not in results:
+        return {}
     best = max((r for r in results["profiles"] if r["method"].startswith("batched")),
                key=lambda r: r["speedup_vs_loop_paired"])
     return {
@@ -125,8 +190,8 @@ def targets(results: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def to_markdown(payload: Dict[str, Any]) -> str:
-    res, env, st, tg = payload["results"], payload["environment"], payload["settings"], payload["targets"]
+def speed_markdown(part: Dict[str, Any]) -> List[str]:
+    res, env, st, tg = part["results"], part["environment"], part["settings"], part["targets"]
     f = _timing.fmt_ms
     ok = {True: "met", False: "**not met**"}
     rows = []
@@ -137,9 +202,7 @@ def to_markdown(payload: Dict[str, Any]) -> str:
             f"{r['max_rel_diff_vs_loop']:.1e}" if "max_rel_diff_vs_loop" in r else "–",
         ])
     fit = res["fit"]
-    lines = [
-        "### Parameter-space saliency: batched per-sample gradients",
-        "",
+    return [
         f"{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, {env['torch_threads']} thread(s), "
         f"torchvision {res['model']} (random init, eval), {res['num_filters']} filters, {st['samples']} samples of "
         f"{st['size']}x{st['size']} px, median of {st['repeats']} interleaved rounds ({st['warmup']} warm-up); "
@@ -163,8 +226,66 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         "convolutions, which are slow on CPU. The batched path is meant for accelerators, where the loop is "
         "bound by kernel-launch latency (not measured by this run unless --device cuda).",
         "",
-        f"Command: `{payload['command']}`",
+        f"Command: `{part['command']}`",
     ]
+
+
+def _table(rows: List[Dict[str, Any]], digits: int = 3) -> str:
+    cols = list(rows[0])
+    return _timing.markdown_table(
+        cols, [[f"{r[c]:.{digits}f}" if isinstance(r[c], float) else r[c] for c in cols] for r in rows]
+    )
+
+
+def validation_markdown(part: Dict[str, Any]) -> List[str]:
+    res, env = part["results"], part["environment"]
+    head = f"{env['device']}, torch {env['torch']}, {env['date_utc']}."
+    if "depth_bias" not in res:
+        return [f"Skipped: {res.get('skipped', 'no results')}. {head}", "", f"Command: `{part['command']}`"]
+    ft = res["fine_tune"]
+    return [
+        f"Benchmark `ShapesResNet` ({res['weights']} weights, {res['num_filters']} filters); statistics and POT "
+        f"fitted on {res['reference_samples']} validation images (fit: {res['fit_samples_per_s']:.1f} samples/s; "
+        f"{res['pot_fitted_filters']} filters with a GPD fit); {res['misclassified']} of {res['test_samples']} test "
+        f"images misclassified, all explained. {head}",
+        "",
+        f"**Layer-depth bias**: share of the top-{part['settings']['k']} filters of the misclassified images per "
+        "stage (`share_of_filters`: what an unbiased ranking would give)",
+        "",
+        _table(res["depth_bias"]),
+        "",
+        "**Turning filters off** (standardised ranking; drop of the wrong class's probability, rise of the true "
+        "class's probability, fraction corrected; random: mean of "
+        f"{part['settings']['n_random']} draws)",
+        "",
+        _table(res["turn_off"]["standardized"]),
+        "",
+        "**Turning filters off, POT ranking**",
+        "",
+        _table(res["turn_off"]["pot"]),
+        "",
+        f"**One SGD step** (lr {ft['lr']:g}) on the top-{ft['k']} filters of each misclassified image; effect on "
+        f"the image, its {ft['n_neighbors']} nearest misclassified neighbours in saliency space, and "
+        f"{ft['n_neighbors']} random misclassified images",
+        "",
+        _table(ft["table"]),
+        "",
+        f"Command: `{part['command']}`",
+    ]
+
+
+def to_markdown(payload: Dict[str, Any]) -> str:
+    lines = ["### Parameter-space saliency: batched per-sample gradients", ""]
+    parts = payload["parts"]
+    if "speed" in parts:
+        lines += speed_markdown(parts["speed"])
+    else:
+        lines += ["(speed part not run)"]
+    lines += ["", "### Parameter-space saliency: validation on the benchmark model", ""]
+    if "validation" in parts:
+        lines += validation_markdown(parts["validation"])
+    else:
+        lines += ["(validation part not run)"]
     return "\n".join(lines)
 
 
@@ -172,6 +293,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (CI smoke test, a few seconds)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results)")
+    p.add_argument("--parts", nargs="+", default=["speed", "validation"], choices=["speed", "validation"],
+                   help="what to run (default: both; --quick: speed only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
     p.add_argument("--model", default="resnet18", help="torchvision model name")
@@ -182,9 +305,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds before")
     p.add_argument("--fit-batch", type=int, default=None)
     p.add_argument("--fit-batches", type=int, default=None)
+    p.add_argument("--val-size", type=int, default=500, help="validation: reference images (default 500)")
+    p.add_argument("--test-size", type=int, default=500, help="validation: test images (default 500)")
+    p.add_argument("--k", type=int, default=10, help="validation: top-k filters (default 10)")
+    p.add_argument("--n-random", type=int, default=10, help="validation: random draws (default 10)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="validation without committed weights: use a random initialisation (development only)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     quick = args.quick
+    if quick and "--parts" not in list(argv if argv is not None else sys.argv[1:]):
+        args.parts = ["speed"]
     args.samples = args.samples or (2 if quick else 32)
     args.size = args.size or (32 if quick else 224)
     args.chunk = args.chunk or (1 if quick else 8)
@@ -197,23 +328,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+_SPEED_KEYS = ("device", "threads", "model", "samples", "size", "chunk", "repeats", "warmup", "fit_batch", "fit_batches")
+_VALIDATION_KEYS = ("chunk", "val_size", "test_size", "k", "n_random", "allow_random_weights")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import json
+
     args = parse_args(argv)
+    out_dir = Path(args.out) if args.out is not None else _timing.DEFAULT_RESULTS
+    previous: Dict[str, Any] = {}
+    old = out_dir / f"{STEM}.json"
+    if old.is_file():
+        try:
+            data = json.loads(old.read_text())
+            previous = data.get("parts", {})
+            if not previous and "profiles" in data.get("results", {}):  # single-part format of earlier runs
+                previous = {"speed": {k: data[k] for k in ("command", "environment", "settings", "results", "targets")}}
+        except (ValueError, AttributeError):
+            previous = {}
+    parts: Dict[str, Any] = {k: v for k, v in previous.items() if k not in args.parts}
+    command = _timing.command_line(__file__, argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        env = _timing.environment(args.device)
-        results = run(args)
+        if "speed" in args.parts:
+            env = _timing.environment(args.device)
+            results = run(args)
+            parts["speed"] = {
+                "command": command,
+                "environment": env,
+                "settings": {k: getattr(args, k) for k in _SPEED_KEYS},
+                "results": results,
+                "targets": targets(results),
+            }
+        if "validation" in args.parts:
+            env = _timing.environment("cpu")
+            parts["validation"] = {
+                "command": command,
+                "environment": env,
+                "settings": {k: getattr(args, k) for k in _VALIDATION_KEYS},
+                "results": run_validation(args),
+            }
     finally:
         torch.set_num_threads(threads)
-    payload = {
-        "benchmark": STEM,
-        "command": _timing.command_line(__file__, argv),
-        "environment": env,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
-        "results": results,
-        "targets": targets(results),
-    }
+    payload = {"benchmark": STEM, "parts": {k: parts[k] for k in ("speed", "validation") if k in parts}}
     markdown = to_markdown(payload)
     jpath, mpath = _timing.write_results(STEM, args.out, payload, markdown)
     print(markdown)
