@@ -259,11 +259,22 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=_cmd_layers)
 
 
+# --------------------------------------------------------------------------- run (captum_normgrad.runner)
+
+
+def register_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad run CONFIG``: dataset-scale runs, defined in :mod:`captum_normgrad.runner.cli`."""
+    from .runner.cli import register_run as _register
+
+    _register(sub)
+
+
 #: Subcommands, in ``--help`` order. Add yours here (see the module docstring).
 SUBCOMMANDS: List[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     register_demo,
     register_explain,
     register_layers,
+    register_run,
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -183,51 +184,43 @@ def compute_demo(
 
 
 def plot_figure1(result: DemoResult, path: Path, index: int = 0) -> Path:
-    """Draw the Figure-1 grid (methods x layers over image ``index``) of a :class:`DemoResult` as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Draw the Figure-1 grid (methods x layers over image ``index``) of a :class:`DemoResult` as a PNG.
 
-    from .io import overlay
+    The grid is :func:`captum_normgrad.viz.plot_attribution_grid`; on top of it the object outlines
+    (explained object green, other object red) and, in each cell, the share of the map's positive
+    energy on the explained object / on the other object.
+    """
+    from .viz import plot_attribution_grid
 
     labels = dict(DEMO_METHODS)
     methods = list(result.maps)
     layer_names = list(next(iter(result.maps.values())))
-    img = result.images[index]
-    # a Figure on an Agg canvas (not pyplot): headless, and pyplot's global state is left alone
-    fig = Figure(figsize=(1.9 * (len(layer_names) + 1), 1.9 * len(methods) + 0.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(methods), len(layer_names) + 1, squeeze=False)
+    columns = {ln: f"{ln} ({m.shape[-2]}x{m.shape[-1]})" for ln, m in next(iter(result.maps.values())).items()}
+    grid = {labels.get(m, m): {columns[ln]: result.maps[m][ln] for ln in layer_names} for m in methods}
     tname = result.class_names[int(result.targets[index])]
     oname = result.class_names[int(result.others[index])]
-    for r, method in enumerate(methods):
-        ax = axes[r, 0]
-        ax.imshow(img.permute(1, 2, 0).numpy())
-        if r == 0:
-            ax.contour(result.masks[index, 0].numpy(), levels=[0.5], colors="lime", linewidths=0.8)
-            ax.contour(result.masks[index, 1].numpy(), levels=[0.5], colors="red", linewidths=0.8)
-            ax.set_title("image", fontsize=8)
-        ax.set_ylabel(labels.get(method, method), fontsize=8)
-        for c, lname in enumerate(layer_names):
-            m = result.maps[method][lname][index, 0]
-            ax = axes[r, c + 1]
-            ax.imshow(overlay(img, m).permute(1, 2, 0).numpy())
-            if r == 0:
-                ax.set_title(f"{lname} ({m.shape[-2]}x{m.shape[-1]})", fontsize=8)
-            t_share, o_share = energy_shares(result.maps[method][lname][index:index + 1],
-                                             result.masks[index:index + 1])[0].tolist()
-            ax.text(1, img.shape[-2] - 2, f"{t_share:.2f} / {o_share:.2f}", fontsize=6, color="white",
-                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(
+    title = (
         f"explaining {tname!r} (green outline); other object {oname!r} (red)\n"
         f"numbers: share of positive map energy on {tname} / on {oname}"
-        + ("" if result.trained else "\nRANDOM WEIGHTS (no trained benchmark weights found): not meaningful"),
-        fontsize=8,
-        color="black" if result.trained else "red",
+        + ("" if result.trained else "\nRANDOM WEIGHTS (no trained benchmark weights found): not meaningful")
     )
-    fig.tight_layout()
+    with warnings.catch_warnings():  # Captum warns on near-constant maps (e.g. Grad-CAM at early layers)
+        warnings.filterwarnings("ignore", message="Attempting to normalize by value approximately 0")
+        fig = plot_attribution_grid(result.images, grid, None, sample=index, cell_size=1.9, title=title)
+    fig.suptitle(title, fontsize=8, color="black" if result.trained else "red")
+    ncols = len(layer_names) + 1
+    image_ax = fig.axes[0]
+    image_ax.contour(result.masks[index, 0].numpy(), levels=[0.5], colors="lime", linewidths=0.8)
+    image_ax.contour(result.masks[index, 1].numpy(), levels=[0.5], colors="red", linewidths=0.8)
+    height = result.images.shape[-2]
+    for r, method in enumerate(methods):
+        fig.axes[r * ncols].yaxis.label.set_fontsize(8)
+        for c, ln in enumerate(layer_names):
+            share = energy_shares(result.maps[method][ln][index:index + 1], result.masks[index:index + 1])[0]
+            fig.axes[r * ncols + c + 1].text(
+                1, height - 2, f"{float(share[0]):.2f} / {float(share[1]):.2f}", fontsize=6, color="white",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
+            )
     fig.savefig(path, dpi=110)
     return path
 

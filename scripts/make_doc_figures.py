@@ -20,21 +20,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from captum_normgrad.demo import compute_demo, plot_figure1
-from captum_normgrad.explain import compute_maps
-from captum_normgrad.io import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(allow_random: bool):
-    from captum_normgrad.models import benchmark_layers, build_benchmark_model, load_benchmark_model
+    from captum_normgrad.models import build_benchmark_model, load_benchmark_model
 
     try:
         return load_benchmark_model("vgg"), True
@@ -45,71 +40,56 @@ def _model(allow_random: bool):
         return build_benchmark_model("vgg").eval(), False
 
 
-def _stamp(fig: Figure, trained: bool, title: str) -> None:
-    fig.suptitle(title + ("" if trained else "\nRANDOM WEIGHTS (untrained placeholder)"), fontsize=8,
-                 color="black" if trained else "red")
+def _title(trained: bool, title: str) -> str:
+    return title + ("" if trained else "\nRANDOM WEIGHTS (untrained placeholder)")
 
 
-def _new(rows: int, cols: int, cell: float = 1.7):
-    fig = Figure(figsize=(cell * cols, cell * rows + 0.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return fig, axes
-
-
-def depths_figure(model, trained: bool, out: Path, n_images: int = 2) -> Path:
-    from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
-    from captum_normgrad.models import benchmark_layers
-
-    layers = benchmark_layers(model)
-    images, labels, _ = ShapesDataset(n_images, split="test").tensors()
-    rows: List[tuple] = [("gradcam", "Grad-CAM"), ("normgrad", "NormGrad")]
-    maps = {m: compute_maps(m, model, list(layers.values()), images, labels) for m, _ in rows}
-    fig, axes = _new(n_images * len(rows), len(layers) + 1)
-    for i in range(n_images):
-        for r, (method, label) in enumerate(rows):
-            row = i * len(rows) + r
-            axes[row, 0].imshow(images[i].permute(1, 2, 0).numpy())
-            axes[row, 0].set_ylabel(f"{label}\n{CLASS_NAMES[int(labels[i])]}", fontsize=7)
-            for c, (lname, m) in enumerate(zip(layers, maps[method])):
-                axes[row, c + 1].imshow(overlay(images[i], m[i, 0]).permute(1, 2, 0).numpy())
-                if row == 0:
-                    axes[row, c + 1].set_title(f"{lname} ({m.shape[-2]}x{m.shape[-1]})", fontsize=8)
-    _stamp(fig, trained, "Grad-CAM vs NormGrad order 0 at the end of each block (benchmark VGG, true class)")
-    fig.tight_layout()
-    path = out / "normgrad-depths.png"
+def _save(fig, trained: bool, title: str, path: Path) -> Path:
+    fig.suptitle(title, color="black" if trained else "red")  # same text, red when a placeholder
     fig.savefig(path, dpi=100)
     return path
 
 
-def variant_figure(model, trained: bool, out: Path, layer: str = "block2") -> Path:
+def depths_figure(model, trained: bool, out: Path) -> Path:
+    """Grad-CAM vs NormGrad at the end of each block, on one single-object test image (true class)."""
+    from captum.attr import LayerGradCam
+
     from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
-    from captum_normgrad.models import benchmark_layers
     from captum_normgrad.normgrad import LayerNormGrad
+    from captum_normgrad.viz import compute_attribution_grid, plot_attribution_grid
 
-    module = benchmark_layers(model)[layer]
     image, label, _ = ShapesDataset(1, split="test")[0]
-    x = image[None]
-    vls = ("conv1x1", "scaling", "bias", "conv3x3")
-    aggs = ("norm", "filter_norm", "sum", "max")
+    names = list(model.block_names)
+    maps = compute_attribution_grid(
+        model, image[None], {"Grad-CAM": (LayerGradCam, {"relu_attributions": True}), "NormGrad": LayerNormGrad},
+        names, target=int(label),
+    )
+    blocks = {n: f"block{i + 1} ({maps['NormGrad'][n].shape[-1]} px)" for i, n in enumerate(names)}
+    maps = {m: {blocks[n]: v for n, v in row.items()} for m, row in maps.items()}
+    title = _title(trained, f"Grad-CAM vs NormGrad order 0 at the end of each block (benchmark VGG), "
+                            f"class {CLASS_NAMES[int(label)]}")
+    fig = plot_attribution_grid(image, maps, None, cell_size=1.8, title=title)
+    return _save(fig, trained, title, out / "normgrad-depths.png")
+
+
+def variant_figure(model, trained: bool, out: Path, block: int = 2) -> Path:
+    """The 4 virtual layers (rows) x 4 aggregations (columns) at one block, on one test image."""
+    from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
+    from captum_normgrad.normgrad import LayerNormGrad
+    from captum_normgrad.viz import plot_attribution_grid
+
+    module = dict(model.named_modules())[model.block_names[block - 1]]
+    image, label, _ = ShapesDataset(1, split="test")[0]
     ng = LayerNormGrad(model, module)
-    fig, axes = _new(len(vls), len(aggs) + 1)
-    for r, vl in enumerate(vls):
-        axes[r, 0].imshow(image.permute(1, 2, 0).numpy())
-        axes[r, 0].set_ylabel(vl, fontsize=8)
-        for c, agg in enumerate(aggs):
-            m = ng.attribute(x, target=int(label), virtual_layer=vl, aggregation=agg)
-            axes[r, c + 1].imshow(overlay(image, m[0, 0]).permute(1, 2, 0).numpy())
-            if r == 0:
-                axes[r, c + 1].set_title(agg, fontsize=8)
-    _stamp(fig, trained, f"virtual layer (rows) x aggregation (columns) at {layer}, class {CLASS_NAMES[int(label)]}")
-    fig.tight_layout()
-    path = out / "variant-grid.png"
-    fig.savefig(path, dpi=100)
-    return path
+    maps = {
+        vl: {agg: ng.attribute(image[None], target=int(label), virtual_layer=vl, aggregation=agg)
+             for agg in ("norm", "filter_norm", "sum", "max")}
+        for vl in ("conv1x1", "scaling", "bias", "conv3x3")
+    }
+    title = _title(trained, f"virtual layer (rows) x aggregation (columns) at block{block}, "
+                            f"class {CLASS_NAMES[int(label)]}")
+    fig = plot_attribution_grid(image, maps, None, cell_size=1.8, title=title)
+    return _save(fig, trained, title, out / "variant-grid.png")
 
 
 def main(argv=None) -> int:
