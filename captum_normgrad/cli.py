@@ -87,7 +87,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), progress=not args.quiet)
+    summary = run_demo(Path(args.out), progress=not args.quiet, num_images=args.images, model_name=args.model)
     print(summary)
     return EXIT_OK
 
@@ -108,6 +108,10 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--model", choices=["vgg", "resnet"], default="vgg",
+                   help="benchmark model: VGG-style (the paper's Figure 1 uses VGG-16) or ResNet-style")
+    p.add_argument("--images", type=_positive_int, default=8,
+                   help="two-object images averaged in the summary (the figure shows the first)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 

@@ -158,7 +158,7 @@ def test_installed_explain_end_to_end(workspace: Tuple[Path, Path], tmp_path: Pa
 
 def test_installed_demo_writes_figure_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = _run(["demo", "--out", str(out), "--quiet"], cwd=tmp_path)
+    r = _run(["demo", "--out", str(out), "--quiet", "--images", "4"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     with Image.open(out / "figure1.png") as fig:
@@ -177,7 +177,17 @@ def test_installed_demo_writes_figure_and_summary(tmp_path: Path) -> None:
         for t, o in per_layer.values():
             assert 0.0 <= t <= 1.0 and 0.0 <= o <= 1.0 and t + o <= 1.0 + 1e-6
     saved = torch.load(out / "maps.pt", weights_only=True)
-    assert saved["maps"]["normgrad"]["block1"].shape[:2] == (data["num_images"], 1)
+    assert data["num_images"] == 4 and saved["maps"]["normgrad"]["block1"].shape[:2] == (4, 1)
+    # the summary's shares are those of the saved maps and masks (recomputed here independently)
+    for method, per_layer in shares.items():
+        for layer, (t, o) in per_layer.items():
+            m = saved["maps"][method][layer]
+            up = F.interpolate(m, size=saved["masks"].shape[-2:], mode="bilinear", align_corners=False).clamp(min=0)
+            tot = up.sum((1, 2, 3))
+            safe = torch.where(tot > 0, tot, torch.ones_like(tot))  # an all-zero map counts as share 0
+            share_t = (up[:, 0] * saved["masks"][:, 0]).sum((1, 2)) / safe
+            share_o = (up[:, 0] * saved["masks"][:, 1]).sum((1, 2)) / safe
+            assert abs(float(share_t.mean()) - t) < 1e-5 and abs(float(share_o.mean()) - o) < 1e-5
 
 
 def test_installed_error_is_one_line(tmp_path: Path) -> None:
