@@ -98,11 +98,12 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         "demo",
         help="Figure-1-style grid on a built-in model and a generated two-object image",
         description=(
-            "Explain a built-in benchmark model on a generated image with two objects of different\n"
-            "classes, with Grad-CAM, NormGrad order 0, order 1 and the adversarial order-1 map at\n"
-            "several depths (the NormGrad paper's Figure 1). Writes figure.png (the grid), the raw\n"
-            "maps (maps.pt), summary.txt and summary.json (share of each map's energy on each object)\n"
-            "into --out. No download; runs in seconds on a CPU."
+            "Explain a built-in benchmark model on generated images with two objects of different\n"
+            "classes, with Grad-CAM, NormGrad order 0, order 1 and the adversarial order-1 map at the\n"
+            "end of each block (the NormGrad paper's Figure 1). Writes into --out: figure1.png (the\n"
+            "grid for the first image), maps.pt (the raw maps), summary.txt and summary.json (mean\n"
+            "share of each map's positive energy on the explained and on the other object).\n"
+            "No download; runs in seconds on a CPU."
         ),
         epilog="example:\n  captum-normgrad demo --out out/demo",
         formatter_class=_HelpFormatter,
