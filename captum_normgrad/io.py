@@ -254,7 +254,11 @@ def _import_callable(spec: str) -> Any:
                 raise CLIInputError(f"cannot import {mod_name!r}")
             module = importlib.util.module_from_spec(spec_obj)
             sys.modules[module_key] = module
-            spec_obj.loader.exec_module(module)
+            try:
+                spec_obj.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(module_key, None)  # no half-imported module left behind
+                raise
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the user's own modules
