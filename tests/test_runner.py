@@ -284,6 +284,95 @@ def test_sigkill_during_run_then_resume(tmp_path: Path) -> None:
     torch.testing.assert_close(maps, _direct_normgrad(model, ds.x, ds.y, 2), rtol=1e-5, atol=1e-6)
 
 
+def _children_with_rank(parent: int) -> Dict[int, int]:
+    """``{RANK: pid}`` of the direct children of ``parent`` (torchrun's workers), from /proc."""
+    out: Dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(e.split(b"=", 1) for e in (d / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = int(d.name)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find torchrun's workers")
+def test_sigkill_one_torchrun_rank_then_resume_with_one_process(tmp_path: Path) -> None:
+    n = 24
+    cfg = _config(
+        tmp_path,
+        shard_size=2,
+        batch_size=2,
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": n}},
+        model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn", "kwargs": {"sleep": 0.05}},
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "captum_normgrad.cli", "run", str(cfg), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path), start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and len(list((out / "shards").glob("*.done.json"))) < 3:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        workers = _children_with_rank(proc.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)  # kill -9 of one rank: torchrun stops the other and fails
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert not (out / "index.json").exists()
+    h = json.loads((out / "run.json").read_text())["config_hash"]
+    complete = [s for s in range(12) if shard_is_complete(out, s, h) is not None]
+    assert 3 <= len(complete) < 12, complete
+    # resume with another world size (1 process): the shards do not depend on it
+    report = run(load_config(cfg))
+    assert report.world_size == 1 and report.shards_skipped == len(complete)
+    assert report.shards_computed == 12 - len(complete)
+    res = _check_complete_output(out, n)
+    assert sorted(s.index for s in res.samples) == list(range(n))
+    ds, model = runner_helpers.TinyDataset(n), runner_helpers.tiny_cnn()
+    torch.testing.assert_close(res.maps("normgrad/0")[1], _direct_normgrad(model, ds.x, ds.y, 0), rtol=1e-5, atol=1e-6)
+    prof = _direct_profiles(model, ds.x, ds.y)
+    stats = res.statistics()
+    assert stats.count == n
+    np.testing.assert_allclose(stats.mean.numpy(), prof.mean(0), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(stats.variance().numpy(), prof.var(0, ddof=1), rtol=1e-4, atol=1e-12)
+
+
+def test_every_builtin_method_runs(tmp_path: Path) -> None:
+    from captum.attr import LayerGradCam
+
+    from captum_normgrad.runner import BUILTIN_METHODS
+
+    cfg = _config(
+        tmp_path, layers=["2"], methods=list(BUILTIN_METHODS), statistics={"parameter_saliency": False},
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": 4}},
+    )
+    run(load_config(cfg))
+    res = RunOutput(tmp_path / "out")
+    assert res.keys() == sorted(f"maps/{m}/2" for m in BUILTIN_METHODS)
+    ds, model = runner_helpers.TinyDataset(4), runner_helpers.tiny_cnn()
+    for m in BUILTIN_METHODS:
+        maps = res.maps(f"{m}/2")[1]
+        assert maps.shape[0] == 4 and maps.shape[-2:] == (12, 12) and torch.isfinite(maps).all()
+    ref = LayerGradCam(model, model[2]).attribute(ds.x, target=ds.y)
+    torch.testing.assert_close(res.maps("gradcam/2")[1], ref.detach())
+    torch.testing.assert_close(res.maps("normgrad/2")[1], _direct_normgrad(model, ds.x, ds.y, 2), rtol=1e-5, atol=1e-6)
+
+
 def test_torn_and_stale_files_are_recomputed(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     run(load_config(cfg))

@@ -462,8 +462,9 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
     ranges = shard_ranges(n, cfg.shard_size)
     computer = _Computer(cfg, model, SafeDataset(ds), d.device)  # resolves methods/layers before any write
 
-    # rank 0 prepares (or checks) the output folder; every rank raises the same error
+    # rank 0 prepares (or checks) the output folder; every rank raises (none waits forever)
     err: Optional[str] = None
+    failure: Optional[BaseException] = None
     if d.rank == 0:
         try:
             _prepare_output(
@@ -472,11 +473,13 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
                 h,
                 {"format": FORMAT, "num_samples": n, "num_shards": len(ranges), "shard_size": cfg.shard_size, "extra": extra},
             )
-        except OutputDirError as e:
-            err = str(e)
+        except (OutputDirError, OSError) as e:
+            failure, err = e, str(e)
     err = d.broadcast_object(err)
+    if failure is not None:
+        raise failure
     if err is not None:
-        raise OutputDirError(err)
+        raise OutputDirError(f"rank 0 could not use the output directory: {err}")
 
     mine = shards_of_rank(len(ranges), d.rank, d.world)
     done: Dict[int, Dict[str, Any]] = {}
