@@ -66,6 +66,8 @@ __all__ = [
     "fmt_ms",
     "fmt_mib",
     "torchvision_model",
+    "loadavg",
+    "describe_load",
 ]
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -302,13 +304,27 @@ def environment(device: Any = "cpu") -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu": _cpu_model(),
     }
-    try:
-        info["loadavg_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
+    info["loadavg_at_start"] = loadavg()
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def loadavg() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (None where unavailable)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def describe_load(env: Mapping[str, Any]) -> str:
+    """'1-min load average a -> b on N cores' from an :func:`environment` record (empty if unknown)."""
+    start, end = env.get("loadavg_at_start"), env.get("loadavg_at_end")
+    if not start:
+        return ""
+    text = f"1-min load average {start[0]}" + (f" -> {end[0]}" if end else "")
+    return text + f" on {env.get('cpu_count')} cores."
 
 
 def _cpu_model() -> str:

@@ -328,7 +328,8 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         "",
         f"{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, {env['torch_threads']} thread(s), "
         f"batch {st['batch']}, random-init torchvision models in eval mode, median of {st['repeats']} interleaved "
-        f"rounds ({st['warmup']} warm-up; {st['ref_repeats']} for the slow explicit unfold reference). Ratios are medians of per-round ratios. {env['date_utc']}.",
+        f"rounds ({st['warmup']} warm-up; {st['ref_repeats']} for the slow explicit unfold reference). Ratios are medians of per-round ratios. {env['date_utc']}. "
+        + _timing.describe_load(env),
         "",
         "**LayerNormGrad (1x1 virtual layer) vs LayerGradCam at the same layer** (target <= "
         f"{TARGET_ORDER0}x: {ok[tg['order0_over_gradcam_met']]}, worst {tg['order0_over_gradcam_worst']:.3f}x)",
@@ -414,6 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run(args)
     finally:
         torch.set_num_threads(threads)
+    env["loadavg_at_end"] = _timing.loadavg()
     payload = {
         "benchmark": STEM,
         "command": _timing.command_line(__file__, argv),

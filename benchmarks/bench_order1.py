@@ -258,7 +258,8 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         f"{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, {env['torch_threads']} thread(s), "
         f"resnet18 with random weights (eval), batch {st['batch']}, median of {st['repeats']} interleaved rounds "
         f"({st['warmup']} warm-up); ratios are medians of per-round ratios to order 0 with the same objective "
-        f"(`LayerNormGrad(..., loss_fn=per_sample_cross_entropy)`). {env['date_utc']}.",
+        f"(`LayerNormGrad(..., loss_fn=per_sample_cross_entropy)`). {env['date_utc']}. "
+        + _timing.describe_load(env),
         "",
         f"**Time per image, ms (ratio to order 0)** — target: finite difference <= {TARGET_ORDER1}x: "
         f"{ok[tg['order1_over_order0_met']]} (worst {tg['order1_over_order0_worst']:.1f}x)",
@@ -329,6 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run(args)
     finally:
         torch.set_num_threads(threads)
+    env["loadavg_at_end"] = _timing.loadavg()
     payload = {
         "benchmark": STEM,
         "command": _timing.command_line(__file__, argv),

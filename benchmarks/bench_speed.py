@@ -127,7 +127,8 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         f"{env['torch_threads']} thread(s); torchvision models with random weights (eval), {st['size']} px; "
         f"median of {st['repeats']} interleaved rounds for Captum and order 0, {st['order1_repeats']} for order 1 "
         f"({st['warmup']} warm-up), ratio to LayerGradCam = median of per-round ratios; peak memory above the "
-        f"memory in use before the call ({rows[0]['memory_method'] if rows else '-'}). {env['date_utc']}.",
+        f"memory in use before the call ({rows[0]['memory_method'] if rows else '-'}). {env['date_utc']}. "
+        + _timing.describe_load(env),
     ]
     batches = st["batches"]
     for model in st["models"]:
@@ -189,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = run(args)
     finally:
         torch.set_num_threads(threads)
+    env["loadavg_at_end"] = _timing.loadavg()
     payload = {
         "benchmark": STEM,
         "command": _timing.command_line(__file__, argv),
