@@ -242,8 +242,9 @@ def _summary_text(result: DemoResult, figure: Path) -> str:
         )
     lines += [
         "",
-        "Reading: a class-selective map puts much more energy on the explained object than on the other;",
-        "order 0 is expected to light up both objects, the adversarial order-1 map the other one.",
+        "The paper's claims (Figure 1): Grad-CAM works only near the end of the network; order 0 lights up",
+        "both objects; order 1 the explained one; the adversarial map the other one. A class-selective map",
+        "puts much more energy on the explained object than on the other: compare with the numbers above.",
         f"Figure (image 0): {figure}    computed in {result.seconds:.1f} s",
     ]
     return "\n".join(lines)
