@@ -33,6 +33,19 @@ class TinyDataset(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i])
 
 
+class FlakyDataset(TinyDataset):
+    """A :class:`TinyDataset` whose items ``bad`` raise ``OSError`` (unreadable files)."""
+
+    def __init__(self, n: int = 10, bad: tuple = (), **kw) -> None:
+        super().__init__(n, **kw)
+        self.bad = set(bad)
+
+    def __getitem__(self, i: int):
+        if i in self.bad:
+            raise OSError(f"cannot read sample {i}")
+        return super().__getitem__(i)
+
+
 class _Slow(nn.Module):
     def __init__(self, seconds: float) -> None:
         super().__init__()

@@ -431,6 +431,22 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path: Path) -> None:
     assert [f["id"] for f in run(load_config(cfg)).failed] == [f["id"] for f in report.failed]
 
 
+def test_shard_of_only_unreadable_samples(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path, statistics={"parameter_saliency": False},
+        dataset={"kind": "factory", "factory": f"{HELPERS}:FlakyDataset", "kwargs": {"n": 10, "bad": [4, 5, 6, 7, 9]}},
+    )
+    report = run(load_config(cfg))
+    assert [f["index"] for f in report.failed] == [4, 5, 6, 7, 9]
+    assert all("cannot read sample" in f["error"] for f in report.failed)
+    res = _check_complete_output(tmp_path / "out", 10)
+    idx, maps = res.maps("normgrad/2")
+    assert idx.tolist() == [0, 1, 2, 3, 8] and maps.shape[0] == 5
+    ds, model = runner_helpers.TinyDataset(10), runner_helpers.tiny_cnn()
+    keep = idx
+    torch.testing.assert_close(maps, _direct_normgrad(model, ds.x[keep], ds.y[keep], 2), rtol=1e-5, atol=1e-6)
+
+
 def test_output_dir_of_another_configuration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run(load_config(_config(tmp_path, statistics={"parameter_saliency": False})))
     cfg2 = _config(tmp_path, "cfg2", layers=["2"], statistics={"parameter_saliency": False})

@@ -10,6 +10,7 @@ depend on the world size and a run can be resumed with a different one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -148,7 +149,8 @@ class RunReport:
         seconds (float): wall-clock seconds of the processing phase (slowest rank).
         total_seconds (float): wall-clock seconds of the whole call on rank 0 (set-up included).
         samples_per_s (float): ``samples_computed / seconds``.
-        per_rank (list[dict]): per rank: shards, samples, seconds, samples/s.
+        per_rank (list[dict]): per rank: shards, samples, seconds, CPU seconds of the process,
+                    samples/s.
         statistics (str, optional): path of the merged statistics file.
     """
 
@@ -183,7 +185,8 @@ class RunReport:
         for r in self.per_rank:
             lines.append(
                 f"    rank {r['rank']}: {r['samples_computed']} samples in {r['shards_computed']} shards "
-                f"({r['shards_skipped']} skipped), {r['seconds']:.2f} s, {r['samples_per_s']:.2f} samples/s"
+                f"({r['shards_skipped']} skipped), {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU), "
+                f"{r['samples_per_s']:.2f} samples/s"
             )
         if self.statistics:
             lines.append(f"  statistics: {self.statistics}")
@@ -427,13 +430,17 @@ def run(
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     cfg.validate()
     t_call = time.perf_counter()
+    threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    d = _Dist(cfg)
     try:
-        return _run(cfg, d, model, dataset, t_call)
+        d = _Dist(cfg)
+        try:
+            return _run(cfg, d, model, dataset, t_call)
+        finally:
+            d.close()
     finally:
-        d.close()
+        torch.set_num_threads(threads_before)
 
 
 def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Optional[Any], t_call: float) -> RunReport:
@@ -458,9 +465,12 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         extra["model_fingerprint"] = model_fingerprint(user_model)
     if user_ds is not None:
         extra["dataset_class"] = f"{type(user_ds).__module__}.{type(user_ds).__qualname__}"
+    safe_ds = SafeDataset(ds)
+    if callable(getattr(ds, "sample_id", None)):  # e.g. the file list of a folder: added files are a change
+        extra["sample_ids_sha256"] = hashlib.sha256("\n".join(safe_ds.sample_id(i) for i in range(n)).encode()).hexdigest()[:16]
     h = config_hash(cfg, extra)
     ranges = shard_ranges(n, cfg.shard_size)
-    computer = _Computer(cfg, model, SafeDataset(ds), d.device)  # resolves methods/layers before any write
+    computer = _Computer(cfg, model, safe_ds, d.device)  # resolves methods/layers before any write
 
     # rank 0 prepares (or checks) the output folder; every rank raises (none waits forever)
     err: Optional[str] = None
@@ -495,6 +505,7 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         computer.warm_up(ranges[todo[0]][0])
     d.barrier()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     try:
         for s in todo:
             ts = time.perf_counter()
@@ -517,6 +528,7 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     if computer.stats:
         for s in done:
             states[s] = _load_shard_state(out, s)
@@ -527,6 +539,7 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         "shards_skipped": len(done),
         "samples_computed": computed,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "samples_per_s": computed / seconds if seconds > 0 else 0.0,
         "stats": {s: st.pack().cpu() for s, st in states.items()},
     }

@@ -265,7 +265,9 @@ class RunOutput:
         for p in self.shard_files():
             if p.is_file():
                 with safe_open(str(p), framework="pt") as f:
-                    return sorted(k for k in f.keys() if k.startswith("maps/"))
+                    keys = sorted(k for k in f.keys() if k.startswith("maps/"))
+                if keys:  # (a shard whose samples were all unreadable holds no maps)
+                    return keys
         return []
 
     def maps(self, key: str) -> Tuple[Tensor, Tensor]:
@@ -279,9 +281,12 @@ class RunOutput:
             if not p.is_file():
                 continue
             with safe_open(str(p), framework="pt") as f:
+                index = f.get_tensor("index")
                 if full not in f.keys():
+                    if index.numel() == 0:  # every sample of this shard was unreadable
+                        continue
                     raise KeyError(f"no map {key!r} in {p.name}; available: {sorted(f.keys())}")
-                idx.append(f.get_tensor("index"))
+                idx.append(index)
                 vals.append(f.get_tensor(full))
         if not idx:
             raise FileNotFoundError(f"{self.out} holds no shard files yet")
