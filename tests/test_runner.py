@@ -500,16 +500,17 @@ def test_write_error_in_read_only_dir(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root ignores directory permissions; the monkeypatched writer test covers this path")
     cfg = _config(tmp_path, statistics={"parameter_saliency": False})
-    run(load_config(cfg, overrides={"dataset": {"kind": "factory", "factory": f"{HELPERS}:TinyDataset",
-                                                "kwargs": {"n": 18}}}))
-    shards = tmp_path / "out" / "shards"
-    shard_paths(tmp_path / "out", 4)[1].unlink()
-    shards.chmod(0o500)
+    run(load_config(cfg))
+    out = tmp_path / "out"
+    shard_paths(out, 4)[1].unlink()  # shard 4 to be recomputed into a read-only folder
+    (out / "shards").chmod(0o500)
     try:
-        with pytest.raises(ShardWriteError):
+        with pytest.raises(ShardWriteError, match="shard 4 .*NOT marked complete"):
             run(load_config(cfg))
     finally:
-        shards.chmod(0o700)
+        (out / "shards").chmod(0o700)
+    assert not shard_paths(out, 4)[1].exists()
+    assert run(load_config(cfg)).shards_computed == 1
 
 
 def test_configuration_errors_name_the_fix(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -39,7 +38,6 @@ from .storage import (
     SHARD_DIR,
     atomic_write_bytes,
     atomic_write_json,
-    read_marker,
     remove_stale_temporaries,
     shard_is_complete,
     shard_paths,
