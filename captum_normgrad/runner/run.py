@@ -95,7 +95,11 @@ class _Dist:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         if dist.is_available() and dist.is_initialized():
             self.active = dist.get_world_size() > 1
-        elif dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not dist.is_available():
+                raise RuntimeError(
+                    "WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run one process instead"
+                )
             dist.init_process_group(backend=self.backend, timeout=timedelta(seconds=float(cfg.timeout_s)))
             self.created = True
             self.active = True
