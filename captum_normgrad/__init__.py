@@ -1,30 +1,63 @@
-"""captum-normgrad: NormGrad and its relatives as first-class Captum attribution methods."""
+"""captum-normgrad: NormGrad and its relatives as first-class Captum attribution methods.
 
-from ._maps import fuse_maps, normalize_maps
-from .normgrad import LayerNormGrad
-from .normgrad_order1 import LayerNormGradOrder1, per_sample_cross_entropy
-from .metrics import LayerNoiseTunnel, as_input_attribution, deletion_curve, energy_pointing_game, insertion_curve, pointing_game
-from .parameter_saliency import InputSpaceSaliency, ParameterSaliency, POTScorer
-from .sanity import class_sensitivity, model_parameter_randomization
+Public names are imported lazily (PEP 562), so ``import captum_normgrad`` and the command line's
+``--help`` do not pay for importing torch and captum until a method is actually used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LayerNormGrad",
-    "LayerNormGradOrder1",
-    "per_sample_cross_entropy",
-    "fuse_maps",
-    "normalize_maps",
-    "LayerNoiseTunnel",
-    "as_input_attribution",
-    "pointing_game",
-    "energy_pointing_game",
-    "deletion_curve",
-    "insertion_curve",
-    "model_parameter_randomization",
-    "class_sensitivity",
-    "ParameterSaliency",
-    "InputSpaceSaliency",
-    "POTScorer",
-    "__version__",
-]
+# public name -> submodule that defines it
+_EXPORTS: Dict[str, str] = {
+    "LayerNormGrad": ".normgrad",
+    "LayerNormGradOrder1": ".normgrad_order1",
+    "per_sample_cross_entropy": ".normgrad_order1",
+    "fuse_maps": "._maps",
+    "normalize_maps": "._maps",
+    "LayerNoiseTunnel": ".metrics",
+    "as_input_attribution": ".metrics",
+    "pointing_game": ".metrics",
+    "energy_pointing_game": ".metrics",
+    "deletion_curve": ".metrics",
+    "insertion_curve": ".metrics",
+    "model_parameter_randomization": ".sanity",
+    "class_sensitivity": ".sanity",
+    "ParameterSaliency": ".parameter_saliency",
+    "InputSpaceSaliency": ".parameter_saliency",
+    "POTScorer": ".parameter_saliency",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'captum_normgrad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._maps import fuse_maps, normalize_maps
+    from .metrics import (
+        LayerNoiseTunnel,
+        as_input_attribution,
+        deletion_curve,
+        energy_pointing_game,
+        insertion_curve,
+        pointing_game,
+    )
+    from .normgrad import LayerNormGrad
+    from .normgrad_order1 import LayerNormGradOrder1, per_sample_cross_entropy
+    from .parameter_saliency import InputSpaceSaliency, ParameterSaliency, POTScorer
+    from .sanity import class_sensitivity, model_parameter_randomization

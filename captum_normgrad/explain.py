@@ -25,16 +25,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where it is used, so that `captum-normgrad --help` stays fast
+    import torch
+    from torch import Tensor, nn
 
 from .io import CLIInputError, ImageItem, LoadedModel, load_image, save_map, save_overlay
 
 __all__ = ["MethodSpec", "METHODS", "method_names", "compute_maps", "resolve_device", "ExplainReport", "explain_files"]
 
-ComputeFn = Callable[[nn.Module, List[nn.Module], Tensor, Tensor, Dict[str, Any]], List[Tensor]]
+ComputeFn = Callable[["nn.Module", List["nn.Module"], "Tensor", "Tensor", Dict[str, Any]], List["Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def _gradcam(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, op
 
 
 def _gradxact(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
+    from torch import Tensor
     from captum.attr import LayerGradientXActivation
 
     maps = []
@@ -168,6 +170,7 @@ def compute_maps(
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    import torch
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -263,6 +266,8 @@ def explain_files(
     Returns:
         ExplainReport
     """
+    import torch
+    from torch import Tensor
     from tqdm.auto import tqdm
 
     if batch_size < 1:
