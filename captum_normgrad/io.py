@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -238,27 +239,41 @@ def _torchvision_models() -> List[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def _import_callable(spec: str) -> Any:
-    """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable."""
+def import_callable(spec: str, base_dir: Union[str, Path] = ".") -> Any:
+    """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable (``callable`` may be dotted).
+
+    Relative file paths are taken from ``base_dir``; a file is imported once per resolved path and a
+    failed import leaves no half-imported module behind.
+
+    Raises:
+        CLIInputError: not of that form, module or attribute missing, or not callable.
+        FileNotFoundError: the ``.py`` file does not exist.
+    """
+    if not isinstance(spec, str):
+        raise CLIInputError(f"expected 'package.module:callable' or 'path/to/file.py:callable', got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
         raise CLIInputError(f"model {spec!r} is not of the form module:callable or file.py:callable")
     try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
+        if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+            path = Path(mod_name).expanduser()
+            if not path.is_absolute():
+                path = Path(base_dir) / path
             if not path.is_file():
-                raise FileNotFoundError(f"no such model file: {mod_name!r}")
-            module_key = f"_captum_normgrad_user_{path.stem}"
-            spec_obj = importlib.util.spec_from_file_location(module_key, path)
-            if spec_obj is None or spec_obj.loader is None:  # pragma: no cover - defensive
-                raise CLIInputError(f"cannot import {mod_name!r}")
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[module_key] = module
-            try:
-                spec_obj.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(module_key, None)  # no half-imported module left behind
-                raise
+                raise FileNotFoundError(f"no such model file: {str(path)!r}")
+            module_key = "_captum_normgrad_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            module = sys.modules.get(module_key)
+            if module is None:
+                spec_obj = importlib.util.spec_from_file_location(module_key, path)
+                if spec_obj is None or spec_obj.loader is None:  # pragma: no cover - defensive
+                    raise CLIInputError(f"cannot import {mod_name!r}")
+                module = importlib.util.module_from_spec(spec_obj)
+                sys.modules[module_key] = module
+                try:
+                    spec_obj.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(module_key, None)  # no half-imported module left behind
+                    raise
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the user's own modules
@@ -400,7 +415,7 @@ def load_model(
     pre_weights = None  # whose transforms() preprocess the images
 
     if ":" in spec:
-        builder = _import_callable(spec)
+        builder = import_callable(spec)
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(

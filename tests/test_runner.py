@@ -518,7 +518,7 @@ def test_configuration_errors_name_the_fix(tmp_path: Path) -> None:
         load_config(_config(tmp_path, batchsize=3))
     with pytest.raises(ValueError, match="unknown method 'normgard'"):
         run(load_config(_config(tmp_path, methods=["normgard"])))
-    with pytest.raises(ValueError, match="no layer '3x'"):
+    with pytest.raises(ValueError, match="unknown layer '3x'.*valid names"):
         run(load_config(_config(tmp_path, layers=["3x"])))
     with pytest.raises(ValueError, match="shard_size must be a positive int"):
         load_config(_config(tmp_path, shard_size=0))

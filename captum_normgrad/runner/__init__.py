@@ -12,11 +12,29 @@ Command line: ``captum-normgrad run run.toml`` or
 ``torchrun --nproc_per_node=2 -m captum_normgrad.cli run run.toml``.
 """
 
-from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig, StatisticsSpec, config_hash, load_config
-from .resolve import BUILTIN_METHODS, ImageFolderDataset
-from .run import OutputDirError, RunReport, run, shard_ranges, shards_of_rank
-from .storage import RunOutput, ShardWriteError
-from .welford import WelfordState, all_reduce_welford, merge_states
+import importlib
+from typing import Any, Dict
+
+_EXPORTS: Dict[str, str] = {
+    **dict.fromkeys(
+        ["RunConfig", "DatasetSpec", "ModelSpec", "MethodSpec", "StatisticsSpec", "load_config", "config_hash"], ".config"
+    ),
+    **dict.fromkeys(["BUILTIN_METHODS", "ImageFolderDataset"], ".resolve"),
+    **dict.fromkeys(["OutputDirError", "RunReport", "run", "shard_ranges", "shards_of_rank"], ".engine"),
+    **dict.fromkeys(["RunOutput", "ShardWriteError"], ".storage"),
+    **dict.fromkeys(["WelfordState", "all_reduce_welford", "merge_states"], ".welford"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily (PEP 562): ``captum-normgrad --help`` must not pay for torch."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "RunConfig",

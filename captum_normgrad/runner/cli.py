@@ -29,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # errors (bad configuration, another run's output folder, a write error) are raised: the
     # captum-normgrad main() prints them as one line and exits non-zero
     from .config import load_config
-    from .run import run
+    from .engine import run
 
     overrides = _parse_set(args.set)
     if args.output:

@@ -6,8 +6,6 @@ Every resolver raises ``ValueError``/``TypeError`` naming what was not found and
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import inspect
 import sys
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..io import IMAGE_EXTENSIONS, get_layer, import_callable, load_state_dict_file
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
 
 __all__ = [
@@ -31,53 +30,11 @@ __all__ = [
     "SampleView",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ---------------------------------------------------------------------------------------------
 # callables
 # ---------------------------------------------------------------------------------------------
-def import_callable(spec: str, base_dir: Union[str, Path] = ".") -> Callable[..., Any]:
-    """``"package.module:attr"`` or ``"path/to/file.py:attr"`` -> the object (``attr`` may be dotted)."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(
-            f"expected 'package.module:callable' or 'path/to/file.py:callable', got {spec!r} (missing ':')"
-        )
-    mod_name, attr = spec.rsplit(":", 1)
-    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
-        path = Path(mod_name).expanduser()
-        if not path.is_absolute():
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise ValueError(f"{spec!r}: file {str(path)!r} not found")
-        key = "_captum_normgrad_runner_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        module = sys.modules.get(key)
-        if module is None:
-            s = importlib.util.spec_from_file_location(key, str(path))
-            if s is None or s.loader is None:  # pragma: no cover
-                raise ValueError(f"{spec!r}: cannot import {path}")
-            module = importlib.util.module_from_spec(s)
-            sys.modules[key] = module
-            try:
-                s.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(key, None)
-                raise
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"{spec!r}: cannot import module {mod_name!r} ({e})") from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{spec!r}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec!r} is not callable")
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------
 # datasets
 # ---------------------------------------------------------------------------------------------
@@ -319,33 +276,15 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
         path = cfg.resolve_path(spec.checkpoint)
         if not path.is_file():
             raise ValueError(f"model checkpoint {str(path)!r} not found")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-        model.load_state_dict(state)
+        model.load_state_dict(load_state_dict_file(path))
     return model.eval()
 
 
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
-    """Modules by their ``named_modules()`` names, with close matches suggested on a typo."""
+    """Modules by their ``named_modules()`` names (``blockN`` aliases for the benchmark models)."""
     mods = dict(model.named_modules())
     aliases = {f"block{i + 1}": b for i, b in enumerate(getattr(model, "block_names", None) or [])}
-    out = []
-    for n in names:
-        n = aliases.get(n, n) if n not in mods else n
-        if n not in mods:
-            import difflib
-
-            close = difflib.get_close_matches(n, [k for k in mods if k], n=5)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"the model has no layer {n!r} (names as in model.named_modules()){hint}")
-        out.append(mods[n])
-    return out
+    return [get_layer(model, n if n in mods else aliases.get(n, n)) for n in names]
 
 
 def model_fingerprint(model: nn.Module) -> str:
