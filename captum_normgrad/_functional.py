@@ -18,10 +18,54 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map, tree_flatten, tree_unflatten
 
-__all__ = ["PerSampleModel"]
+__all__ = ["PerSampleModel", "map_samples", "STRATEGIES"]
 
 Params = Dict[str, Tensor]
+STRATEGIES = ("auto", "vmap", "loop")
+
+
+def map_samples(fn: Callable[..., Any], in_dims: Tuple[Any, ...], strategy: str) -> Callable[..., Any]:
+    """``vmap(fn, in_dims)`` or the same mapping as a Python loop over the samples.
+
+    Both give identical per-sample semantics. ``vmap`` turns per-sample weights into grouped
+    convolutions (fast on GPUs); the loop runs ordinary batch-1 kernels, which is faster on CPUs.
+    """
+    if strategy == "vmap":
+        return vmap(fn, in_dims=in_dims)
+
+    def looped(*args: Any) -> Any:
+        n = None
+        for a, d in zip(args, in_dims):
+            if d is None:
+                continue
+            leaves, _ = tree_flatten(a)
+            for leaf in leaves:
+                if isinstance(leaf, Tensor):
+                    n = leaf.shape[0]
+                    break
+            if n is not None:
+                break
+        assert n is not None, "no batched argument"
+        if n == 1:  # one sample: views instead of copies
+            sliced = tuple(
+                a if d is None else tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, a)
+                for a, d in zip(args, in_dims)
+            )
+            return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, fn(*sliced))
+        outs = []
+        for i in range(n):
+            sliced = tuple(
+                a if d is None else tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, a)
+                for a, d in zip(args, in_dims)
+            )
+            outs.append(fn(*sliced))
+        flat0, spec = tree_flatten(outs[0])
+        flats = [tree_flatten(o)[0] for o in outs]
+        return tree_unflatten([torch.stack([f[j] for f in flats]) for j in range(len(flat0))], spec)
+
+    return looped
 
 
 class PerSampleModel:
@@ -44,6 +88,7 @@ class PerSampleModel:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         extra_args: Tuple[Any, ...],
         batched_extra: Tuple[bool, ...],
+        strategy: str = "vmap",
     ) -> None:
         self.model = model
         self.layers = list(layers)
@@ -51,6 +96,7 @@ class PerSampleModel:
         self.loss_fn = loss_fn
         self.extra_args = extra_args
         self.batched_extra = batched_extra
+        self.strategy = strategy
         named = dict(model.named_parameters())
         self.trainable: Params = {k: p.detach() for k, p in named.items() if p.requires_grad}
         self.constants: Dict[str, Tensor] = {k: p.detach() for k, p in named.items() if not p.requires_grad}
@@ -165,7 +211,7 @@ class PerSampleModel:
             loss, _ = self.loss(p, None, xi, ti, ei)
             return loss, loss.detach()
 
-        g, losses = vmap(grad(f, has_aux=True), in_dims=(None, 0, 0, self._extra_dims()))(params, x, target, extra)
+        g, losses = map_samples(grad(f, has_aux=True), (None, 0, 0, self._extra_dims()), self.strategy)(params, x, target, extra)
         return g, losses
 
     def grads_at(
@@ -187,7 +233,7 @@ class PerSampleModel:
 
         argnums = (0, 1) if with_params else 1
         gfn = grad(f, argnums=argnums, has_aux=True)
-        out, (acts, losses) = vmap(gfn, in_dims=(0, 0, 0, 0, self._extra_dims()))(params, deltas, x, target, extra)
+        out, (acts, losses) = map_samples(gfn, (0, 0, 0, 0, self._extra_dims()), self.strategy)(params, deltas, x, target, extra)
         if with_params:
             pg, dg = out
             return pg, dg, acts, losses
@@ -216,4 +262,4 @@ class PerSampleModel:
             _, dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))
             return dg
 
-        return vmap(one, in_dims=(0, 0, 0, 0, self._extra_dims()))(tangent, deltas, x, target, extra)
+        return map_samples(one, (0, 0, 0, 0, self._extra_dims()), self.strategy)(tangent, deltas, x, target, extra)

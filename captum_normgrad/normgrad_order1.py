@@ -14,7 +14,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from . import _capture, _dispatch
-from ._functional import Params, PerSampleModel
+from ._functional import STRATEGIES, Params, PerSampleModel
 
 __all__ = ["LayerNormGradOrder1", "per_sample_cross_entropy"]
 
@@ -43,6 +43,22 @@ def _per_sample_targets(target: TargetType, n: int, device: torch.device) -> Ten
             return torch.tensor([list(t) for t in target], dtype=torch.long, device=device)
         return torch.tensor(target, dtype=torch.long, device=device)
     raise TypeError(f"unsupported target type {type(target).__name__}")
+
+
+def _axpy(theta: Params, direction: Params, alpha: Union[float, Tensor]) -> Params:
+    """Per-sample parameter sets ``theta + alpha_i * direction_i`` (leading sample dim).
+
+    ``alpha`` is a number or one value per sample; a single sample uses one fused ``torch.add``.
+    """
+    if isinstance(alpha, Tensor):
+        if alpha.numel() == 1:
+            alpha = float(alpha.item())
+        else:
+            return {
+                k: theta[k].unsqueeze(0) + alpha.reshape(-1, *([1] * theta[k].dim())).to(d.dtype) * d
+                for k, d in direction.items()
+            }
+    return {k: torch.add(theta[k].unsqueeze(0), d, alpha=alpha) for k, d in direction.items()}
 
 
 class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
@@ -143,6 +159,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         channel_dim: int = 1,
         chunk_size: Optional[int] = None,
         compute_dtype: Union[None, str, torch.dtype] = None,
+        strategy: str = "auto",
         grad_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Union[Tensor, List[Tensor]]:
         r"""
@@ -196,6 +213,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                         parameter sets are held in memory at once. None chooses it so
                         that about 2 GiB of per-sample parameter copies are used
                         (e.g. 4 for ResNet-50 in float32).
+                        Ignored by ``strategy="loop"``, which holds one example's
+                        parameter sets at a time.
                         Default: None
             compute_dtype (torch.dtype or str, optional): None computes in the
                         model's dtype; ``torch.float64`` computes everything in
@@ -204,6 +223,13 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                         dtype (confidently classified, small-loss examples). Maps are
                         returned in the model's dtype except for ``torch.float64``.
                         Default: None
+            strategy (str, optional): How the per-sample passes are batched:
+                        ``"vmap"`` (``torch.func.vmap``: per-sample weights become
+                        grouped convolutions, the fast choice on GPUs), ``"loop"`` (a
+                        Python loop of ordinary batch-1 passes, faster on CPUs) or
+                        ``"auto"`` (``"vmap"`` on CUDA, ``"loop"`` otherwise). All give
+                        the same maps.
+                        Default: ``"auto"``
             grad_kwargs (dict, optional): Not supported (the gradients are taken
                         with ``torch.func``); must be None.
                         Default: None
@@ -233,6 +259,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             raise ValueError(f"h must be a finite number > 0 (or None for 0.5/||v||), got {h!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(map(repr, STRATEGIES))}")
         if grad_kwargs:
             raise ValueError("grad_kwargs is not supported by LayerNormGradOrder1 (gradients use torch.func)")
         if compute_dtype not in (None, "auto") and not isinstance(compute_dtype, torch.dtype):
@@ -257,6 +285,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         loss_fn = self._resolve_loss(target)
         psm = PerSampleModel(self.model, layers, [where] * len(layers), loss_fn, tuple(extra), batched_extra)
         device = next(iter(psm.trainable.values())).device
+        psm.strategy = ("vmap" if device.type == "cuda" else "loop") if strategy == "auto" else strategy
         base_dtype = next(iter(psm.trainable.values())).dtype
         targets = _per_sample_targets(target if target is not None else 0, n, device)
         if targets.shape[0] != n:
@@ -266,7 +295,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             if target is not None:
                 self._check_target_range(psm, inputs_t, target, tuple(extra), n)
             psm.probe_shapes(inputs_t, targets, tuple(extra))
-            chunk = chunk_size or self._auto_chunk(psm, n)
+            # the loop strategy runs one sample at a time anyway: keep one parameter set in memory
+            chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
             want64 = compute_dtype == torch.float64
             maps_per_layer: List[List[Tensor]] = [[] for _ in layers]
             for start in range(0, n, chunk):
@@ -379,7 +409,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             g1, losses = psm.per_sample_param_grads(theta, xs, ts, es)
             if not bool(torch.isfinite(losses).all()):
                 raise ValueError("the loss is NaN or Inf for some examples; check the targets and the model output")
-            theta_p = {k: theta[k].unsqueeze(0) + sign * epsilon * g1[k] for k in theta}
+            theta_p = _axpy(theta, g1, sign * epsilon)
             del g1
             pdtype = next(iter(theta.values())).dtype
             deltas = psm.zero_deltas(m, pdtype, ts.device)
@@ -404,13 +434,11 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                     else:
                         scale = torch.full_like(vnorm, float(h))
                         coef = torch.full_like(vnorm, epsilon / (2.0 * float(h)))
-                    step = {k: t * scale.reshape(m, *([1] * (t.dim() - 1))) for k, t in v.items()}
-                    del v
-                    plus = {k: theta[k].unsqueeze(0) + step[k] for k in theta}
+                    plus = _axpy(theta, v, scale)
                     _, g_plus, _, _ = psm.grads_at(plus, deltas, xs, ts, es, with_params=False)
                     del plus
-                    minus = {k: theta[k].unsqueeze(0) - step[k] for k in theta}
-                    del step
+                    minus = _axpy(theta, v, -scale)
+                    del v
                     _, g_minus, _, _ = psm.grads_at(minus, deltas, xs, ts, es, with_params=False)
                     del minus
                     combined = tuple(

@@ -388,3 +388,15 @@ def test_bad_inputs(model, batch):
     assert train.training  # the mode is not changed by the check
     with pytest.raises(ValueError, match="chunk_size"):
         attr.attribute(x, t, chunk_size=0)
+
+
+@pytest.mark.parametrize("hessian", ["finite_difference", "exact", "none"])
+def test_vmap_and_loop_strategies_agree(model, batch, hessian):
+    x, t = batch
+    attr = LayerNormGradOrder1(model, [model.block, model.down])
+    a = attr.attribute(x, t, epsilon=5e-3, hessian=hessian, strategy="vmap")
+    b = attr.attribute(x, t, epsilon=5e-3, hessian=hessian, strategy="loop")
+    for ma, mb in zip(a, b):
+        torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="strategy"):
+        attr.attribute(x, t, strategy="threads")
