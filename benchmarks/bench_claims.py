@@ -40,7 +40,7 @@ randomization use the paper's ``5e-4``.
 The verdicts on the claims use criteria fixed in ``CRITERIA`` below, written before the first
 run; they are not tuned.
 
-Full run (manual, about 15-30 min on 2 CPU cores)::
+Full run (manual; 11 min on 2 shared CPU cores)::
 
     python benchmarks/bench_claims.py
 

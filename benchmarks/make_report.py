@@ -65,6 +65,42 @@ def copy_figures(text: str, results: Path, img_dir: Path, img_prefix: str) -> st
     return IMAGE_LINK.sub(repl, text)
 
 
+def normalise_headings(text: str, top: int = 2) -> str:
+    """Shift a fragment's Markdown headings so that its highest level becomes ``top`` (code fences untouched)."""
+    lines = text.splitlines()
+    fenced = False
+    levels = []
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            levels.append(len(line) - len(line.lstrip("#")))
+    if not levels:
+        return text
+    shift = top - min(levels)
+    out, fenced = [], False
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            level = len(line) - len(line.lstrip("#"))
+            line = "#" * max(1, min(6, level + shift)) + line[level:]
+        out.append(line)
+    return "\n".join(out)
+
+
+def command_of(results: Path, stem: str) -> str:
+    """The exact command recorded in ``<stem>.json`` (key ``command``), else the plain invocation."""
+    path = results / f"{stem}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("command"), str):
+        return data["command"]
+    return f"python benchmarks/{stem}.py"
+
+
 def claims_summary(results: Path) -> Optional[List[str]]:
     path = results / "bench_claims.json"
     if not path.is_file():
@@ -113,7 +149,7 @@ def build(results: Path, out: Path) -> Path:
     lines.append("")
     for stem in order:
         text = fragments[stem].read_text().strip()
-        lines += [copy_figures(text, results, img_dir, "img/"), ""]
+        lines += [normalise_headings(copy_figures(text, results, img_dir, "img/")), ""]
     if summary:
         lines += [
             "## Closing note",
@@ -122,8 +158,8 @@ def build(results: Path, out: Path) -> Path:
             "(block1/.../block4; criteria in the claims section, fixed before the first run):",
             "",
         ] + summary + [""]
-    lines += ["To regenerate this page:", "", "```bash"]
-    lines += [f"python benchmarks/{s}.py" for s in order if (ROOT / "benchmarks" / f"{s}.py").is_file()]
+    lines += ["To regenerate this page (the commands recorded by the last full runs):", "", "```bash"]
+    lines += [command_of(results, s) for s in order if (ROOT / "benchmarks" / f"{s}.py").is_file()]
     lines += ["python benchmarks/make_report.py", "```", ""]
     out.mkdir(parents=True, exist_ok=True)
     page = out / "benchmarks.md"

@@ -117,3 +117,14 @@ def test_report_order_and_figures(tmp_path):
     text = page.read_text()
     assert "![plot](img/a.png)" in text and (tmp_path / "docs" / "img" / "a.png").read_bytes() == b"\x89PNG fake"
     assert "figure missing" in text and "![web](https://x.org/c.png)" in text
+
+
+def test_report_headings_and_commands(tmp_path):
+    report = _load("make_report")
+    text = "### Top\n\n#### Sub\n\n```bash\n# a shell comment, not a heading\n```\n"
+    assert report.normalise_headings(text) == "## Top\n\n### Sub\n\n```bash\n# a shell comment, not a heading\n```"
+    (tmp_path / "x.json").write_text('{"command": "python benchmarks/x.py --full"}')
+    (tmp_path / "y.json").write_text("[1, 2]")
+    assert report.command_of(tmp_path, "x") == "python benchmarks/x.py --full"
+    assert report.command_of(tmp_path, "y") == "python benchmarks/y.py"
+    assert report.command_of(tmp_path, "missing") == "python benchmarks/missing.py"
