@@ -138,6 +138,22 @@ def build(results: Path, out: Path) -> Path:
         "them (`captum_normgrad.models`, weights committed). The same scripts accept the real models "
         "(`captum_normgrad.models.torchvision_model`) for users who have them.",
         "",
+        "The benchmark in a few lines (the pointing game of NormGrad at every block of the benchmark VGG):",
+        "",
+        "```python",
+        "from captum_normgrad import LayerNormGrad",
+        "from captum_normgrad.datasets import ShapesDataset",
+        "from captum_normgrad.metrics import pointing_game",
+        "from captum_normgrad.models import benchmark_layers, load_benchmark_model",
+        "",
+        "images, labels, masks = ShapesDataset(24, split=\"test\").tensors()",
+        "model = load_benchmark_model(\"vgg\")                 # committed weights, eval mode",
+        "blocks = benchmark_layers(model)                    # {\"block1\": model.features[5], ...}",
+        "maps = LayerNormGrad(model, list(blocks.values())).attribute(images, target=labels)",
+        "for name, m in zip(blocks, maps):",
+        "    print(name, pointing_game(m, masks, labels, tolerance=2).accuracy)",
+        "```",
+        "",
     ]
     summary = claims_summary(results)
     if summary:
