@@ -156,3 +156,16 @@ def test_readme_links_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "## Documentation" in readme and "mkdocs build --strict" in readme
     assert "## The two commands" in readme and "bash scripts/demo.sh" in readme and "bash scripts/test.sh" in readme
+
+
+def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The README's swap-Grad-CAM-for-NormGrad example runs and gives the shapes it states."""
+    blocks = [b for b in code_blocks((ROOT / "README.md").read_text()) if b[1] == "python"]
+    assert blocks, "the README must show a Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs:README"}
+    for line, _, code, _ in blocks:
+        exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert tuple(namespace["gradcam"].shape) == (2, 1, 7, 7)
+    assert tuple(namespace["normgrad"].shape) == (2, 1, 28, 28)
+    assert tuple(namespace["heat"].shape) == (2, 1, 224, 224)
