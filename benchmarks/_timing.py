@@ -44,9 +44,10 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -383,3 +384,46 @@ def write_results(stem: str, out_dir: Optional[os.PathLike], payload: Mapping[st
     jpath.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")
     return jpath, mpath
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads, restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def emit(stem: str, out_dir: Optional[os.PathLike], payload: Mapping[str, Any], markdown: str) -> int:
+    """Write the result fragments, print the Markdown and where it went; the script's exit code (0)."""
+    jpath, mpath = write_results(stem, out_dir, payload, markdown)
+    print(markdown)
+    print(f"\nwrote {jpath} and {mpath}")
+    return 0
+
+
+def publish(
+    stem: str,
+    script: str,
+    argv: Optional[Sequence[str]],
+    args: Any,
+    env: Dict[str, Any],
+    results: Any,
+    to_markdown: Callable[[Dict[str, Any]], str],
+    targets: Optional[Callable[[Any], Any]] = None,
+    exclude: Sequence[str] = ("out", "no_progress"),
+) -> int:
+    """The standard payload of a benchmark (command, environment, settings, results, targets), emitted."""
+    payload: Dict[str, Any] = {
+        "benchmark": stem,
+        "command": command_line(script, argv),
+        "environment": env,
+        "settings": {k: v for k, v in vars(args).items() if k not in exclude},
+        "results": results,
+    }
+    if targets is not None:
+        payload["targets"] = targets(results)
+    return emit(stem, args.out, payload, to_markdown(payload))

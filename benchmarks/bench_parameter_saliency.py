@@ -373,11 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         torch.set_num_threads(threads)
     payload = {"benchmark": STEM, "parts": {k: parts[k] for k in ("speed", "validation") if k in parts}}
-    markdown = to_markdown(payload)
-    jpath, mpath = _timing.write_results(STEM, args.out, payload, markdown)
-    print(markdown)
-    print(f"\nwrote {jpath} and {mpath}")
-    return 0
+    return _timing.emit(STEM, args.out, payload, to_markdown(payload))
 
 
 if __name__ == "__main__":

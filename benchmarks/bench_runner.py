@@ -343,19 +343,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     env = _timing.environment(args.device)
     results = run(args)
-    payload = {
-        "benchmark": STEM,
-        "command": _timing.command_line(__file__, argv),
-        "environment": env,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "timeout")},
-        "results": results,
-        "targets": targets(results),
-    }
-    markdown = to_markdown(payload)
-    jpath, mpath = _timing.write_results(STEM, args.out, payload, markdown)
-    print(markdown)
-    print(f"\nwrote {jpath} and {mpath}")
-    return 0
+    return _timing.publish(
+        STEM, __file__, argv, args, env, results, to_markdown, targets, exclude=("out", "no_progress", "timeout")
+    )
 
 
 if __name__ == "__main__":

@@ -183,27 +183,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with _timing.torch_threads(args.threads):
         env = _timing.environment(args.device)
         rows = run(args)
-    finally:
-        torch.set_num_threads(threads)
     env["loadavg_at_end"] = _timing.loadavg()
-    payload = {
-        "benchmark": STEM,
-        "command": _timing.command_line(__file__, argv),
-        "environment": env,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
-        "results": rows,
-    }
     stem = STEM if not args.device.startswith("cuda") else f"{STEM}_cuda"
-    markdown = to_markdown(payload)
-    jpath, mpath = _timing.write_results(stem, args.out, payload, markdown)
-    print(markdown)
-    print(f"\nwrote {jpath} and {mpath}")
-    return 0
+    return _timing.publish(stem, __file__, argv, args, env, rows, to_markdown)
 
 
 if __name__ == "__main__":
