@@ -12,6 +12,7 @@ removed in every case.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -259,7 +260,11 @@ class PerSampleModel:
         def one(
             tv: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
         ) -> Tuple[Tensor, ...]:
-            _, dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))
+            with warnings.catch_warnings():
+                # torch's forward-mode rules script a helper on first use and warn that
+                # torch.jit.script is deprecated: an internal detail, not the caller's concern
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+                _, dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))
             return dg
 
         return map_samples(one, (0, 0, 0, 0, self._extra_dims()), self.strategy)(tangent, deltas, x, target, extra)
