@@ -12,12 +12,84 @@ held by a separate ``fcntl.flock`` process.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
 
+import numpy as np
 import pytest
 import torch
 
 from captum_normgrad import fuse_maps, normalize_maps
+from captum_normgrad.runner import (
+    OutputDirError,
+    OutputLockedError,
+    RunFailedError,
+    RunOutput,
+    ShardWriteError,
+    load_config,
+    run,
+)
+from captum_normgrad.runner.storage import shard_is_complete
+
+HERE = Path(__file__).resolve().parent
+HELPERS = HERE / "runner_helpers.py"
+sys.path.insert(0, str(HERE))
+import runner_helpers  # noqa: E402
+
+PY = sys.executable
+TORCHRUN = (
+    [str(Path(PY).parent / "torchrun")]
+    if (Path(PY).parent / "torchrun").is_file()
+    else [PY, "-m", "torch.distributed.run"]
+)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _config(tmp: Path, name: str = "cfg", **over: Any) -> Path:
+    cfg: Dict[str, Any] = {
+        "output": "out",
+        "batch_size": 2,
+        "shard_size": 2,
+        "layers": ["2"],
+        "methods": ["normgrad"],
+        "threads": 1,
+        "progress": False,
+        "dataset": {"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": 6}},
+        "model": {"source": "factory", "factory": f"{HELPERS}:tiny_cnn"},
+    }
+    cfg.update(over)
+    p = tmp / f"{name}.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def _direct_normgrad(model: torch.nn.Sequential, x: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: ||a_u|| * ||g_u|| at the output of model[k], by splitting the Sequential there."""
+    a = model[: k + 1](x).detach().requires_grad_(True)
+    out = model[k + 1 :](a)
+    (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), a)
+    return (a.detach().norm(dim=1) * g.norm(dim=1)).unsqueeze(1)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "captum_normgrad.cli", "run", *args, "--no-progress"],
+        capture_output=True, text=True, cwd=str(cwd), env=ENV, timeout=300,
+    )
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([PY, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 # ----------------------------------------------------------------------------- maps: NaN guards
@@ -55,3 +127,301 @@ def test_fuse_maps_refuses_non_finite_maps_and_weights() -> None:
     with pytest.raises(ValueError, match="weights must be finite"):
         fuse_maps([a, b], mode="power", weights=[math.inf, 1.0])
     assert bool(torch.isfinite(fuse_maps([a, b])).all())
+
+
+# ----------------------------------------------------------------------------- resume: inputs changed
+
+
+def _save_weights(path: Path, seed: int) -> torch.nn.Sequential:
+    model = runner_helpers.tiny_cnn()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def test_resume_refuses_a_checkpoint_replaced_under_the_same_name(tmp_path: Path) -> None:
+    ckpt = tmp_path / "weights.pt"
+    _save_weights(ckpt, 1)
+    cfg = _config(tmp_path, model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn", "checkpoint": "weights.pt"})
+    out = tmp_path / "out"
+    run(load_config(cfg))
+    (out / "shards" / "shard-00002.done.json").unlink()  # a partial run: one shard still to compute
+    model_b = _save_weights(tmp_path / "b.pt", 2)
+    shutil.copyfile(tmp_path / "b.pt", ckpt)  # weights B copied over the same file
+    with pytest.raises(OutputDirError, match=r"model\.checkpoint .*weights\.pt.* changed .*content sha256.*--on-change recompute"):
+        run(load_config(cfg))
+    r = _cli(str(cfg), cwd=tmp_path)
+    assert r.returncode == 1 and "model.checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # recompute: every shard, all maps now from weights B (independent reference)
+    report = run(load_config(cfg, overrides={"on_change": "recompute"}))
+    assert report.shards_computed == 3 and report.shards_skipped == 0
+    assert any("model.checkpoint" in c and "every shard recomputed" in c for c in report.changes)
+    ds = runner_helpers.TinyDataset(6)
+    _, maps = RunOutput(out).maps("normgrad/2")
+    torch.testing.assert_close(maps, _direct_normgrad(model_b, ds.x, ds.y, 2), rtol=1e-5, atol=1e-6)
+    assert run(load_config(cfg)).shards_skipped == 3  # and the new inputs are recorded
+
+
+def _write_images(folder: Path, n: int, seed: int, size=(10, 10)) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+
+
+def _folder_cfg(tmp: Path, **over: Any) -> Path:
+    return _config(
+        tmp,
+        dataset={"kind": "folder", "root": "imgs", "image_size": 10},
+        target="prediction",
+        model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn"},
+        **over,
+    )
+
+
+def test_resume_refuses_images_rewritten_under_the_same_names(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", 6, 0)
+    cfg = _folder_cfg(tmp_path)
+    run(load_config(cfg))
+    # image 3 rewritten with other pixels: a BMP of the same size has the same byte count,
+    # so only the modification time tells
+    before = (tmp_path / "imgs" / "3.bmp").stat()
+    _write_images(tmp_path / "new", 6, 1)
+    shutil.copyfile(tmp_path / "new" / "3.bmp", tmp_path / "imgs" / "3.bmp")
+    os.utime(tmp_path / "imgs" / "3.bmp", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert (tmp_path / "imgs" / "3.bmp").stat().st_size == before.st_size
+    with pytest.raises(OutputDirError, match=r"1 image file\(s\) changed .*'3\.bmp': modified .*same size.*recompute the 1 affected shard"):
+        run(load_config(cfg))
+    report = run(load_config(cfg, overrides={"on_change": "recompute"}))
+    assert report.shards_computed == 1 and report.shards_skipped == 2  # only shard 1 (images 2, 3)
+    assert any("3.bmp" in c for c in report.changes)
+    # the recomputed maps are those of the new image (reference: direct computation on the files)
+    from PIL import Image
+
+    files = sorted((tmp_path / "imgs").glob("*.bmp"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).float() / 255 for f in files])
+    model = runner_helpers.tiny_cnn()
+    target = model(x).argmax(1)
+    _, maps = RunOutput(tmp_path / "out").maps("normgrad/2")
+    torch.testing.assert_close(maps, _direct_normgrad(model, x, target, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_content_fingerprints_ignore_a_touch_but_see_new_bytes(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", 4, 0)
+    cfg = _folder_cfg(tmp_path, fingerprint="content")
+    run(load_config(cfg))
+    p = tmp_path / "imgs" / "1.bmp"
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 5 * 10**9))  # touched: same bytes
+    assert run(load_config(cfg)).shards_skipped == 2
+    with pytest.raises(OutputDirError, match="'1.bmp': modified"):  # the default (stat) sees the touch
+        run(load_config(cfg, overrides={"fingerprint": "stat"}))
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF  # same size, one pixel value changed
+    p.write_bytes(bytes(data))
+    with pytest.raises(OutputDirError, match=r"'1.bmp': content sha256"):
+        run(load_config(cfg))
+
+
+# ----------------------------------------------------------------------------- the output-folder lock
+
+_HOLD_LOCK = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "argv": "holder"}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_live_lock_holder_is_named_and_refused(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([PY, "-c", _HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=rf"in use by another run: pid {holder.pid} on host .*holder"):
+            run(load_config(cfg))
+        r = _cli(str(cfg), cwd=tmp_path)
+        assert r.returncode == 1 and f"pid {holder.pid}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (out / "run.json").exists()  # nothing written by the refused runs
+    finally:
+        holder.kill()
+        holder.wait()
+    report = run(load_config(cfg))  # the holder died: its lock is stale, taken over
+    assert report.samples_written == 6
+    assert any(f"pid {holder.pid}" in c and "without releasing" in c for c in report.changes)
+    assert (out / ".lock").read_text() == ""  # released: no owner record left
+
+
+def test_a_stale_lock_record_of_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    (out / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "earlier"}))
+    report = run(load_config(_config(tmp_path)))
+    assert report.samples_written == 6 and any(f"pid {dead}" in c for c in report.changes)
+
+
+def test_two_concurrent_runs_on_one_folder(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": 16}},
+        model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn", "kwargs": {"sleep": 0.15}},
+    )
+    out = tmp_path / "out"
+    first = subprocess.Popen([PY, "-m", "captum_normgrad.cli", "run", str(cfg), "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "run.json").exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.02)
+        second = _cli(str(cfg), cwd=tmp_path)
+        assert first.poll() is None, "the first run must still be running for this test to mean something"
+        assert second.returncode == 1, (second.stdout, second.stderr)
+        assert f"in use by another run: pid {first.pid}" in second.stderr
+        _, err = first.communicate(timeout=180)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(s["index"] for s in index["samples"]) == list(range(16))
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards_computed"] == 8  # all by the first run: no duplicated work
+
+
+def test_sigkill_releases_the_lock_and_resume_reports_it(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": 12}},
+        model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn", "kwargs": {"sleep": 0.05}},
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PY, "-m", "captum_normgrad.cli", "run", str(cfg), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path), env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "shards").glob("*.done.json"))) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid
+    report = run(load_config(cfg))
+    assert report.shards_skipped >= 2 and report.shards_skipped + report.shards_computed == 6
+    assert any(f"pid {proc.pid}" in c for c in report.changes)
+    ds, model = runner_helpers.TinyDataset(12), runner_helpers.tiny_cnn()
+    idx, maps = RunOutput(out).maps("normgrad/2")
+    assert idx.tolist() == list(range(12))
+    torch.testing.assert_close(maps, _direct_normgrad(model, ds.x, ds.y, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find torchrun's workers")
+def test_torchrun_workers_exit_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": 400}},
+        model={"source": "factory", "factory": f"{HELPERS}:tiny_cnn", "kwargs": {"sleep": 0.1}},
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "captum_normgrad.cli", "run", str(cfg), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path), start_new_session=True, env=ENV,
+    )
+    workers: Dict[int, int] = {}
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and len(list((out / "shards").glob("*.done.json"))) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        workers = runner_helpers.children_with_rank(proc.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: the workers live in their own sessions
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers.values()):
+            time.sleep(0.1)
+        alive = [w for w in workers.values() if Path(f"/proc/{w}").exists() and "Z" not in _state(w)]
+        assert alive == [], f"workers {alive} outlived their launcher"
+    finally:
+        for w in workers.values():
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # the folder is resumable at once (the lock went with rank 0)
+    h = json.loads((out / "run.json").read_text())["config_hash"]
+    assert sum(shard_is_complete(out, s, h) is not None for s in range(200)) >= 2
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+# ----------------------------------------------------------------------------- config against the data
+
+
+def test_mean_of_the_wrong_length_fails_up_front(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", 4, 0)
+    cfg = _config(tmp_path, dataset={"kind": "folder", "root": "imgs", "image_size": 10, "mean": [0.5, 0.5],
+                                     "std": [0.5, 0.5]}, target="prediction")
+    with pytest.raises(ValueError, match=r"mean/std have 2 values but .* RGB \(3 channels\)"):
+        run(load_config(cfg))
+    assert not (tmp_path / "out").exists()
+    r = _cli(str(cfg), cwd=tmp_path)
+    assert r.returncode == 1 and "3 channels" in r.stderr and "unreadable" not in r.stdout, (r.stdout, r.stderr)
+    with pytest.raises(ValueError, match="mean has 2 values but std has 3"):
+        load_config(_config(tmp_path, "c2", dataset={"kind": "folder", "root": "imgs", "mean": [0.5, 0.5],
+                                                     "std": [0.5, 0.5, 0.5]}))
+    with pytest.raises(ValueError, match="finite numbers"):
+        load_config(_config(tmp_path, "c3", dataset={"kind": "folder", "root": "imgs", "mean": [0.5, 0.5, "x"],
+                                                     "std": [1, 1, 1]}))
+
+
+def test_every_sample_failing_in_the_probe_is_a_config_error(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, dataset={"kind": "factory", "factory": f"{HELPERS}:FlakyDataset",
+                                     "kwargs": {"n": 10, "bad": list(range(10))}})
+    with pytest.raises(ValueError, match=r"none of the first 8 samples could be read; first: \[0\] img0000: OSError: cannot read sample 0"):
+        run(load_config(cfg))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_where_every_sample_fails_is_an_error(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, dataset={"kind": "factory", "factory": f"{HELPERS}:ReadOnceDataset", "kwargs": {"n": 6}})
+    with pytest.raises(RunFailedError, match=r"no sample could be computed: all 6 failed \(first: \[0\] img0000: OSError"):
+        run(load_config(cfg))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["samples"] == [] and len(index["failed"]) == 6
+    r = _cli(str(cfg), "--output", str(tmp_path / "out2"), cwd=tmp_path)
+    assert r.returncode == 1 and "no sample could be computed" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_a_model_that_cannot_take_the_samples_fails_up_front(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, target="prediction", dataset={"kind": "torchvision", "name": "FakeData",
+                  "kwargs": {"size": 4, "image_size": [1, 12, 12], "num_classes": 3}})
+    with pytest.raises(ValueError, match=r"model cannot take the dataset's samples: sample '0' of shape \(1, 12, 12\)"):
+        run(load_config(cfg))
+    assert not (tmp_path / "out").exists()

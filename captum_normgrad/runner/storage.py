@@ -207,15 +207,18 @@ def file_fingerprint(path: Union[str, Path], mode: str = "stat") -> Dict[str, An
 def fingerprint_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[str]:
     """Why a file changed between two :func:`file_fingerprint` results, or None if it did not.
 
-    Sizes are compared first; then the sha256 when both have one (a touched or copied file with
-    the same bytes is unchanged), else the modification time.
+    The sha256 when both have one (a touched or copied file with the same bytes is unchanged),
+    else the size, then the modification time.
     """
     if old.get("missing") or new.get("missing"):
         return None if old.get("missing") and new.get("missing") else ("removed" if new.get("missing") else "re-created")
-    if old.get("size") != new.get("size"):
-        return f"size {old.get('size')} -> {new.get('size')} bytes"
+    size = "" if old.get("size") == new.get("size") else f"size {old.get('size')} -> {new.get('size')} bytes"
     if "sha256" in old and "sha256" in new:
-        return None if old["sha256"] == new["sha256"] else f"content sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}"
+        if old["sha256"] == new["sha256"]:
+            return None
+        return f"content sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}" + (f", {size}" if size else "")
+    if size:
+        return size
     if old.get("mtime_ns") != new.get("mtime_ns"):
         return f"modified {_iso(old.get('mtime_ns'))} -> {_iso(new.get('mtime_ns'))} (same size)"
     return None
@@ -233,8 +236,8 @@ def _iso(ns: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # the lock of an output folder
 # ---------------------------------------------------------------------------------------------
-class OutputLockedError(RuntimeError):
-    """Another live process holds the lock of the output folder."""
+class OutputLockedError(OSError):
+    """The output folder's lock cannot be taken: another live run holds it (or it is a symlink)."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -310,7 +313,16 @@ class OutputLock:
             return self
         import socket
 
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_UMASK)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:  # never through a symlink: truncating the owner record would truncate its target
+            fd = os.open(str(self.path), flags, 0o666 & ~_UMASK)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise OutputLockedError(
+                    f"{self.path} is a symbolic link (to {os.readlink(self.path)!r}); the runner does not write "
+                    "through links in its output folder: delete the link and rerun"
+                ) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
