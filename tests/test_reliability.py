@@ -425,3 +425,180 @@ def test_a_model_that_cannot_take_the_samples_fails_up_front(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"model cannot take the dataset's samples: sample '0' of shape \(1, 12, 12\)"):
         run(load_config(cfg))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- symlinks, full disk
+
+
+def test_symlinks_in_the_output_folder_are_never_written_through(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    run(load_config(cfg))
+    victim = tmp_path / "elsewhere" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    for name in ("index.json", "report.json"):
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
+    (out / "shards" / "shard-00001.done.json").unlink()
+    (out / "shards" / "shard-00001.done.json").symlink_to(victim)  # an unreadable marker: recomputed
+    report = run(load_config(cfg))
+    assert report.shards_computed == 1
+    assert victim.read_text() == "precious"
+    for name in ("index.json", "report.json", "shards/shard-00001.done.json"):
+        assert not (out / name).is_symlink() and json.loads((out / name).read_text())
+    # the lock file as a link: refused, the target untouched
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(OutputLockedError, match=r"\.lock is a symbolic link .*delete the link"):
+        run(load_config(cfg))
+    assert victim.read_text() == "precious"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a small tmpfs needs root (mount -t tmpfs); the monkeypatched full-disk test in test_runner covers the logic")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:120]})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_fails_loudly_then_resumes(tmp_path: Path, small_tmpfs: Path) -> None:
+    n = 24
+    cfg = _config(
+        tmp_path,
+        output=str(small_tmpfs / "out"),
+        layers=["0", "2"],
+        dataset={"kind": "factory", "factory": f"{HELPERS}:TinyDataset", "kwargs": {"n": n, "size": 32}},
+    )
+    with pytest.raises(ShardWriteError, match=r"could not write shard \d+ .*No space left on device.*NOT marked complete"):
+        run(load_config(cfg))
+    out = small_tmpfs / "out"
+    h = json.loads((out / "run.json").read_text())["config_hash"]
+    complete = [s for s in range(n // 2) if shard_is_complete(out, s, h) is not None]
+    assert 0 < len(complete) < n // 2
+    assert list(out.rglob("*.tmp")) == []
+    r = _cli(str(cfg), cwd=tmp_path)
+    assert r.returncode == 1 and "No space left" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+    report = run(load_config(cfg))
+    assert report.shards_skipped >= len(complete) and report.samples_written == n
+    ds, model = runner_helpers.TinyDataset(n, size=32), runner_helpers.tiny_cnn()
+    idx, maps = RunOutput(out).maps("normgrad/0")
+    assert idx.tolist() == list(range(n))
+    torch.testing.assert_close(maps, _direct_normgrad(model, ds.x, ds.y, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_full_disk_while_writing_the_index_names_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import captum_normgrad.runner.engine as engine
+
+    real = engine.atomic_write_json
+
+    def failing(path: Path, obj: Any) -> None:
+        if Path(path).name == "index.json":
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(engine, "atomic_write_json", failing)
+    cfg = _config(tmp_path)
+    with pytest.raises(OSError, match=r"could not write .*index\.json \(No space left on device\); every shard is complete.*rerun"):
+        run(load_config(cfg))
+    monkeypatch.setattr(engine, "atomic_write_json", real)
+    assert run(load_config(cfg)).shards_skipped == 3
+
+
+# ----------------------------------------------------------------------------- preprocessing (issue 13)
+
+
+def _pil(w: int, h: int):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 255, w, dtype=np.float64)[None, :, None], (h, 1, 3))  # horizontal ramp
+    ramp[..., 1] = np.linspace(0, 255, h)[:, None]
+    return Image.fromarray(ramp.astype(np.uint8))
+
+
+def test_named_torchvision_weights_give_their_own_preprocessing(tmp_path: Path) -> None:
+    from torchvision.models import ResNet18_Weights
+
+    from captum_normgrad.runner import RunConfig
+    from captum_normgrad.runner.engine import preprocessing
+
+    cfg = RunConfig.from_dict({"layers": ["layer4"], "dataset": {"kind": "folder", "root": "imgs"},
+                               "model": {"source": "torchvision", "name": "resnet18", "weights": "IMAGENET1K_V1"}})
+    t, desc = preprocessing(cfg)
+    im = _pil(300, 200)
+    ref = ResNet18_Weights.IMAGENET1K_V1.transforms()(im)  # torchvision's own preset
+    torch.testing.assert_close(t(im), ref, rtol=0, atol=2e-6)
+    assert desc["by"] == "weights ResNet18_Weights.IMAGENET1K_V1" and desc["centre_crop"] == 224
+    # a checkpoint of a torchvision architecture: preprocess = "weights" uses its default weights'
+    cfg2 = RunConfig.from_dict({"layers": ["layer4"], "dataset": {"kind": "folder", "root": "imgs", "preprocess": "weights"},
+                                "model": {"source": "torchvision", "name": "resnet18", "checkpoint": "w.pt"}})
+    torch.testing.assert_close(preprocessing(cfg2)[0](im), ResNet18_Weights.DEFAULT.transforms()(im), rtol=0, atol=2e-6)
+    bad = RunConfig.from_dict({"layers": ["0"], "dataset": {"kind": "folder", "root": "imgs", "preprocess": "weights"},
+                               "model": {"source": "factory", "factory": "x.py:f"}})
+    with pytest.raises(ValueError, match="preprocess = 'weights' needs a torchvision classification model"):
+        preprocessing(bad)
+
+
+def test_a_torchvision_model_without_normalisation_warns(tmp_path: Path) -> None:
+    from captum_normgrad.runner import RunConfig
+    from captum_normgrad.runner.engine import preprocessing
+
+    d = {"layers": ["layer4"], "dataset": {"kind": "folder", "root": "imgs", "image_size": 32},
+         "model": {"source": "torchvision", "name": "resnet18"}}
+    with pytest.warns(UserWarning, match="without normalisation.*expect their weights' mean/std"):
+        preprocessing(RunConfig.from_dict(d))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d["dataset"]["mean"], d["dataset"]["std"] = [0, 0, 0], [1, 1, 1]
+        preprocessing(RunConfig.from_dict(d))  # [0, 1] inputs stated explicitly: no warning
+
+
+def test_non_square_images_are_cropped_not_squashed(tmp_path: Path) -> None:
+    from PIL import Image, ImageOps
+
+    from captum_normgrad.runner import RunConfig
+    from captum_normgrad.runner.engine import preprocessing
+
+    im = _pil(64, 32)  # 2:1
+    d = {"layers": ["0"], "dataset": {"kind": "folder", "root": "imgs", "image_size": 16},
+         "model": {"source": "factory", "factory": "x.py:f"}}
+    x = preprocessing(RunConfig.from_dict(d))[0](im)
+    to_t = lambda p: torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+    fit = to_t(ImageOps.fit(im, (16, 16), Image.BILINEAR))  # reference: cover + centre crop
+    squash = to_t(im.resize((16, 16), Image.BILINEAR))
+    assert x.shape == (3, 16, 16)
+    assert (x - fit).abs().mean() < 0.02 < (x - squash).abs().mean()
+    # the horizontal ramp keeps its slope (a squash would double it)
+    assert float(x[0, 8, -1] - x[0, 8, 0]) == pytest.approx(float(fit[0, 8, -1] - fit[0, 8, 0]), abs=0.05)
+    d["dataset"]["resize"] = "stretch"  # asked for explicitly
+    torch.testing.assert_close(preprocessing(RunConfig.from_dict(d))[0](im), squash, rtol=0, atol=0.03)
+    d["dataset"]["image_size"] = [8, 24]  # non-square target: cover 8x24 then crop
+    assert preprocessing(RunConfig.from_dict(d))[0](im).shape == (3, 8, 24)
+
+
+def test_runner_with_a_torchvision_model_uses_its_weights_preprocessing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    _pil(300, 200).save(tmp_path / "imgs" / "wide.png")
+    _pil(200, 260).save(tmp_path / "imgs" / "tall.png")
+    cfg = _config(tmp_path, layers=["layer4"], target="prediction",
+                  dataset={"kind": "folder", "root": "imgs", "preprocess": "weights"},
+                  model={"source": "torchvision", "name": "resnet18"})
+    report = run(load_config(cfg))
+    assert report.samples_written == 2
+    res = RunOutput(tmp_path / "out")
+    assert res.run["extra"]["preprocess"]["by"] == "weights ResNet18_Weights.IMAGENET1K_V1"
+    assert res.maps("normgrad/layer4")[1].shape == (2, 1, 7, 7)  # 224 crop -> 7x7 at layer4

@@ -1007,6 +1007,21 @@ def _compute(
     return RunReport(**report_dict)
 
 
+def _write_final(path: Path, obj: Any) -> None:
+    """Atomic write of a run-level file; a failure names the file, the cause and the way out."""
+    try:
+        if isinstance(obj, bytes):
+            atomic_write_bytes(path, obj)
+        else:
+            atomic_write_json(path, obj)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"could not write {path} ({e.strerror or e}); every shard is complete and kept: free disk space (or fix "
+            "permissions) and rerun the same command, which only writes the index",
+        ) from e
+
+
 def _finish(
     out: Path,
     cfg: RunConfig,
@@ -1038,7 +1053,7 @@ def _finish(
         raise RuntimeError(f"the output holds {len(seen)} sample entries for {n} samples ({len(set(seen))} distinct)")
     samples.sort(key=lambda x: x["index"])
     failed.sort(key=lambda x: x["index"])
-    atomic_write_json(
+    _write_final(
         out / "index.json",
         {"format": FORMAT, "config_hash": h, "num_samples": n, "num_shards": len(ranges), "samples": samples, "failed": failed},
     )
@@ -1050,7 +1065,7 @@ def _finish(
         saliency.statistics = merged
         buf = io.BytesIO()
         torch.save({**saliency.state_dict(), "runner_config_hash": h}, buf)
-        atomic_write_bytes(out / STATISTICS_FILE, buf.getvalue())
+        _write_final(out / STATISTICS_FILE, buf.getvalue())
         stats_path = str(out / STATISTICS_FILE)
     seconds = max(r["seconds"] for r in per_rank)
     computed = sum(r["samples_computed"] for r in per_rank)
@@ -1073,5 +1088,5 @@ def _finish(
         changes=list(changes or []),
     )
     rd = report.to_dict()
-    atomic_write_json(out / "report.json", {**rd, "python": platform.python_version(), "torch": torch.__version__})
+    _write_final(out / "report.json", {**rd, "python": platform.python_version(), "torch": torch.__version__})
     return rd
