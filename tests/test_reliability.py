@@ -602,3 +602,34 @@ def test_runner_with_a_torchvision_model_uses_its_weights_preprocessing(tmp_path
     res = RunOutput(tmp_path / "out")
     assert res.run["extra"]["preprocess"]["by"] == "weights ResNet18_Weights.IMAGENET1K_V1"
     assert res.maps("normgrad/layer4")[1].shape == (2, 1, 7, 7)  # 224 crop -> 7x7 at layer4
+
+
+# ----------------------------------------------------------------------------- the audit script
+
+
+def test_reliability_audit_script_classifies_and_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reliability_audit", HERE.parent / "scripts" / "reliability_audit.py")
+    audit = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reliability_audit", audit)  # dataclasses look their module up
+    spec.loader.exec_module(audit)
+    out = tmp_path / "audit.json"
+    assert audit.main(["--area", "runner", "-k", "_size", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["counts"]["tried"] == 2 and data["counts"]["clear"] == 2  # batch_size 0, shard_size -1
+    assert "tried 2: clear error 2, unclear error 0, silent 0" in capsys.readouterr().out
+    # the classifier itself: a silent bad input, an internal error, a dependency's message, a clear one
+    ctx = None
+
+    def case(fn, pattern="thing", odd=False):
+        return audit.classify(audit.Case("api", "x", fn, pattern, odd=odd), ctx).verdict
+
+    assert case(lambda c: None) == "silent"
+    assert case(lambda c: None, odd=True) == "ok"
+    assert case(lambda c: [][1]) == "unclear"  # IndexError
+    assert case(lambda c: torch.ones(2) @ torch.ones(3)) == "unclear"  # raised inside torch
+    assert case(lambda c: normalize_maps(torch.tensor([[float("nan")]])), r"nan") == "clear"
+    assert case(lambda c: normalize_maps(torch.tensor([[float("nan")]])), r"tolerance") == "unclear"  # not named
