@@ -240,6 +240,19 @@ def _empty_ok(out: Any) -> None:
         raise Silent(f"an empty batch gave {type(t).__name__} {tuple(getattr(t, 'shape', ()))}, not an empty result")
 
 
+def _ng_model(ctx: Ctx, model: nn.Module) -> Any:
+    from captum_normgrad import LayerNormGrad
+
+    return LayerNormGrad(model, model[2]).attribute(ctx.x(), target=0)
+
+
+def _same_as_unhooked(ctx: Ctx, fn: Callable[..., Any]) -> None:
+    ref = fn(ctx, model=ctx.model())
+    got = fn(ctx, model=_hooked(ctx))
+    if not torch.allclose(got, ref, rtol=1e-5, atol=1e-7):
+        raise Silent("a model carrying a full backward hook gives other results than without it")
+
+
 def _hooked(ctx: Ctx) -> nn.Module:
     m = ctx.model()
     m.register_full_backward_hook(lambda mod, gi, go: None)
@@ -336,6 +349,35 @@ def _boost_nan(ctx: Ctx) -> Any:
     return InputSpaceSaliency(ps).attribute(x[:2], target=y[:2], boost=float("nan"))
 
 
+def _swapped_activation(ctx: Ctx) -> None:
+    from captum_normgrad import ParameterSaliency
+
+    m = ctx.model()
+    ps = ParameterSaliency(m, mode="naive")
+    m[1] = nn.Tanh()  # the user edits the model after building the explainer
+    x, y = ctx.x(), torch.tensor([0, 1])
+    ref = ParameterSaliency(m, mode="naive").profiles(x, y)  # a fresh explainer on the edited model
+    if not torch.allclose(ps.profiles(x, y), ref, rtol=1e-5, atol=1e-8):
+        raise Silent("ParameterSaliency kept the module structure of construction time (swapped activation ignored)")
+
+
+def _syspath_first(ctx: Ctx) -> None:
+    from captum_normgrad.io import import_callable
+
+    before = list(sys.path)
+    here = os.getcwd()
+    cwd = ctx.fresh("cwd").resolve()
+    os.chdir(cwd)
+    try:
+        import_callable("json:dumps")
+        after = list(sys.path)
+    finally:
+        os.chdir(here)
+        sys.path[:] = before
+    if after and Path(after[0]).resolve() == cwd and (not before or Path(before[0]).resolve() != cwd):
+        raise Silent("the working folder was put first on sys.path: a local folder named like a dependency shadows it")
+
+
 def _pg(ctx: Ctx, tol: float = 15, maps: Optional[torch.Tensor] = None, masks: Optional[torch.Tensor] = None) -> Any:
     from captum_normgrad import pointing_game
 
@@ -373,7 +415,7 @@ def api_cases() -> List[Case]:
     a("order0: unknown aggregation", lambda t: _ng(t, aggregation="median"), r"aggregation")
     a("order0: unknown virtual_layer", lambda t: _ng(t, virtual_layer="conv5x5"), r"virtual_layer")
     a("order0: layer not in the model", lambda t: __import__("captum_normgrad").LayerNormGrad(t.model(), nn.Conv2d(3, 3, 1)).attribute(t.x(), target=0), r"layer")
-    a("order0: full backward hook on the model", lambda t: (lambda m: __import__("captum_normgrad").LayerNormGrad(m, m[2]).attribute(t.x(), target=0))(_hooked(t)), r"hook", odd=True, source="15")
+    a("order0: full backward hook on the model (same maps, or a clear refusal)", lambda t: _same_as_unhooked(t, _ng_model), r"hook", odd=True, source="15")
     a("order0: BatchNorm model in train mode via a lambda (state kept)", _odd_bn_lambda, r"train|lambda", odd=True, source="15")
     a("order0: model state after a failing call", _odd_model_unchanged_after_error, r"target", odd=True)
     # order 1
@@ -381,18 +423,20 @@ def api_cases() -> List[Case]:
     a("order1: bool tensor target", lambda t: _ng1(t, target=torch.tensor([True, False])), r"bool", source="15")
     a("order1: meta tensor", lambda t: _ng1(t, x=_meta_x(t)), r"meta", source="15")
     a("order1: complex tensor", lambda t: _ng1(t, x=_cplx_x(t)), r"complex", source="15")
-    a("order1: full backward hook on the model", lambda t: _ng1(t, model=_hooked(t)), r"hook", source="15")
+    a("order1: full backward hook on the model (same maps, or a clear refusal)", lambda t: _same_as_unhooked(t, _ng1), r"hook", odd=True, source="15")
     a("order1: channel_dim=5", lambda t: _ng1(t, channel_dim=5), r"channel_dim", source="15")
     a("order1: NaN epsilon", lambda t: _ng1(t, epsilon=float("nan")), r"epsilon")
     a("order1: unknown hessian", lambda t: _ng1(t, hessian="magic"), r"hessian")
     a("order1: target out of range", lambda t: _ng1(t, target=99), r"target|class|range")
     a("order1: signed aggregation at epsilon=0 equals order 0", _odd_signed_order1_vs_order0, r"epsilon", odd=True, source="15")
     # parameter saliency
-    a("saliency: full backward hook on the model", lambda t: _ps(t, model=_hooked(t)), r"hook", source="15")
+    a("saliency: full backward hook on the model (same profiles, or a clear refusal)", lambda t: _same_as_unhooked(t, _ps), r"hook", odd=True, source="15")
     a("saliency: empty batch (empty profiles or a clear refusal)", lambda t: _empty_ok(_ps(t, x=torch.rand(0, 3, 8, 8), target=torch.zeros(0, dtype=torch.long))), r"empty|batch|N ?>= ?1", odd=True, source="15")
     a("saliency: targets of wrong length", lambda t: _ps(t, target=torch.tensor([0, 1, 2])), r"target")
     a("saliency: NaN in inputs", lambda t: _ps(t, x=_nan_x(t)), r"nan|finite")
     a("saliency: InputSpaceSaliency boost=NaN", _boost_nan, r"boost", source="15")
+    a("saliency: activation swapped after construction is used", _swapped_activation, r"module|activation", odd=True, source="15")
+    a("io: a module:callable spec does not put the working folder first on sys.path", _syspath_first, r"path", odd=True, source="15")
     # maps and metrics
     a("maps: normalize_maps with NaN", lambda t: normalize_maps(_nanmaps()), r"nan|finite", source="15")
     a("maps: fuse_maps with NaN", lambda t: fuse_maps([_nanmaps(), torch.rand(2, 1, 4, 4)]), r"nan|finite", source="15")
