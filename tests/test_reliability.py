@@ -394,6 +394,28 @@ def test_torchrun_workers_exit_when_the_launcher_is_killed(tmp_path: Path) -> No
     assert sum(shard_is_complete(out, s, h) is not None for s in range(200)) >= 2
 
 
+@pytest.mark.slow
+def test_under_torchrun_rank0_takes_the_lock_and_every_rank_stops(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([PY, "-c", _HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = subprocess.run(
+            [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "captum_normgrad.cli", "run", str(cfg), "--no-progress"],
+            capture_output=True, text=True, cwd=str(tmp_path), env=ENV, timeout=240,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0
+    # rank 0 names the owner; rank 1 stops too (no rank waits for the others until the timeout)
+    assert f"in use by another run: pid {holder.pid}" in r.stderr
+    assert "rank 0 could not use the output directory" in r.stderr, r.stderr[-2000:]
+    assert not (out / "run.json").exists()
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
