@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -38,9 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 

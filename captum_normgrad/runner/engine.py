@@ -43,7 +43,6 @@ from .storage import (
     LOCK_FILE,
     SHARD_DIR,
     OutputLock,
-    OutputLockedError,
     atomic_write_bytes,
     file_fingerprint,
     fingerprint_changed,
@@ -765,7 +764,8 @@ def run(
     ``torchrun --nproc_per_node=N``: under torchrun (``WORLD_SIZE > 1``) a process group is started
     (``gloo`` on CPU, ``nccl`` on GPU) unless one is already initialised, and each rank computes the
     shards ``k % world_size == rank``. Completed shards found in the output folder are skipped; an
-    output folder written by another configuration is refused.
+    output folder written by another configuration is refused. Rank 0 holds a lock on the output
+    folder for the whole run.
 
     Args:
         config (RunConfig, str or Path): the configuration, or the path of a ``.toml``/``.json`` file.
@@ -782,9 +782,15 @@ def run(
         unreadable samples).
 
     Raises:
-        OutputDirError: the output folder holds another configuration's run or foreign files.
+        OutputDirError: the output folder holds another configuration's run or foreign files, or
+                    was computed from another checkpoint / other image files (with
+                    ``on_change = "error"``), naming what changed.
+        OutputLockedError: another run holds the output folder's lock (its pid, host and start
+                    time are named), or the lock file is a symlink.
         ShardWriteError: a shard could not be written (it is not marked complete; rerun to resume).
-        ValueError, TypeError: an invalid configuration, with the fix in the message.
+        RunFailedError: every sample failed (a configuration or data error, never a success).
+        ValueError, TypeError: an invalid configuration, or one that does not fit the data (checked
+                    on the first samples before anything is written), with the fix in the message.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     cfg.validate()
