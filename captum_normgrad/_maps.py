@@ -469,8 +469,8 @@ def _check_finite_maps(maps: Tensor, where: str, what: str = "maps") -> None:
     """Refuse NaN/Inf: min-max normalisation would spread them silently (a NaN min makes every value NaN)."""
     if not isinstance(maps, Tensor):
         raise TypeError(f"{where}: {what} must be a Tensor, got {type(maps).__name__}")
-    if maps.dim() == 0 or maps.shape[0] == 0:
-        raise ValueError(f"{where}: {what} must have shape (N, ...) with N >= 1, got {tuple(maps.shape)}")
+    if maps.dim() == 0:
+        raise ValueError(f"{where}: {what} must have shape (N, ...) (one map per sample), got a 0-dim tensor")
     if maps.is_floating_point() or maps.is_complex():
         if maps.is_complex():
             raise TypeError(f"{where}: {what} are complex ({maps.dtype}); give real maps (e.g. .abs() or .real)")
@@ -508,6 +508,8 @@ def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0
         raise ValueError(f"normalize_maps: eps must be a finite number >= 0, got {eps!r}")
     if not (isinstance(constant_value, (int, float)) and not isinstance(constant_value, bool) and math.isfinite(constant_value)):
         raise ValueError(f"normalize_maps: constant_value must be a finite number, got {constant_value!r}")
+    if maps.numel() == 0:  # an empty batch (or empty maps): nothing to normalise
+        return maps.clone()
     flat = maps.reshape(maps.shape[0], -1)
     lo = flat.amin(1, keepdim=True)
     hi = flat.amax(1, keepdim=True)

@@ -675,3 +675,9 @@ def test_reliability_audit_script_classifies_and_counts(
     assert case(lambda c: torch.ones(2) @ torch.ones(3)) == "unclear"  # raised inside torch
     assert case(lambda c: normalize_maps(torch.tensor([[float("nan")]])), r"nan") == "clear"
     assert case(lambda c: normalize_maps(torch.tensor([[float("nan")]])), r"tolerance") == "unclear"  # not named
+
+
+def test_normalize_maps_keeps_an_empty_batch_and_refuses_a_scalar() -> None:
+    assert normalize_maps(torch.zeros(0, 1, 4, 4)).shape == (0, 1, 4, 4)
+    with pytest.raises(ValueError, match="0-dim"):
+        normalize_maps(torch.tensor(1.0))
