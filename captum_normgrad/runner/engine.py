@@ -812,6 +812,9 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         n = min(n, cfg.dataset.limit)
     if n == 0:
         raise ValueError("the dataset is empty; nothing to run")
+    # fingerprints of the checkpoint / factory files BEFORE loading them: a file replaced in between
+    # then shows as a change on resume (a false alarm), never as a silent mix
+    inputs = _model_inputs(cfg, user_model is not None, user_ds is not None)
     if user_model is not None:
         if not isinstance(user_model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(user_model).__name__}")
@@ -837,7 +840,6 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
     computer = _Computer(cfg, model, safe_ds, d.device)  # resolves methods/layers before any write
     files = _sample_files(ds, n)
     computer.files = files
-    inputs = _model_inputs(cfg, user_model is not None, user_ds is not None)
 
     # rank 0 locks and prepares (or checks) the output folder; every rank raises (none waits forever)
     err: Optional[str] = None
