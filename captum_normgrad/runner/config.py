@@ -283,8 +283,8 @@ class RunConfig:
                     file against the completion marker) or ``"size"``. Not hashed.
         fingerprint (str): how the image files behind each shard are fingerprinted to detect a
                     change on resume: ``"stat"`` (size + modification time: one ``stat`` per image,
-                    free) or ``"content"`` (sha256 of every image file: reads every image once more
-                    per run, about the cost of decoding it; a touched or copied file with the same
+                    free) or ``"content"`` (sha256 of every image file: reads every image file once
+                    more per run, on top of decoding it; a touched or copied file with the same
                     bytes then counts as unchanged). The checkpoint is always content-hashed. Not
                     hashed. Default: ``"stat"``
         on_change (str): what a resume does when the checkpoint, the model/dataset factory file
