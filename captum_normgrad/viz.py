@@ -35,6 +35,7 @@ __all__ = [
     "compute_attribution_grid",
     "plot_attribution_grid",
     "plot_comparison_grid",
+    "overlay_map",
     "plot_randomization",
     "plot_randomization_maps",
     "save_figure",
@@ -464,6 +465,7 @@ def plot_comparison_grid(
     cmap: str = "viridis",
     alpha: float = 0.55,
     scale: str = "map",
+    cmap_signed: str = "RdBu_r",
     cell_size: float = 2.2,
     font_size: float = 9.0,
     title: Optional[str] = None,
@@ -498,6 +500,8 @@ def plot_comparison_grid(
                     attribution, one ``[0, 1]`` scale, ``[-1, 1]`` for signed maps); ``"row"``: raw
                     values, one range per row (method x image) across layers; ``"shared"``: raw
                     values, one range for the whole figure. Default: ``"map"``
+        cmap_signed (str, optional): colour map of the rows (or figure) whose maps take negative
+                    values (e.g. gradient x activation), diverging around 0. Default: ``"RdBu_r"``
         cell_size (float, optional): side of one panel in inches. Default: 2.2
         font_size (float, optional): font size in points of labels and colour-bar numbers. Default: 9.0
         title (str, optional): figure title. Default: None
@@ -525,8 +529,9 @@ def plot_comparison_grid(
         raise ValueError(f"scale must be 'map', 'row' or 'shared', got {scale!r}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
-    if cmap not in colormaps:
-        raise ValueError(f"unknown colour map {cmap!r}; use a matplotlib name such as 'viridis', 'magma', 'inferno'")
+    for name in (cmap, cmap_signed):
+        if name not in colormaps:
+            raise ValueError(f"unknown colour map {name!r}; use a matplotlib name such as 'viridis', 'magma', 'RdBu_r'")
     if isinstance(images, (Tensor, np.ndarray)) and np.ndim(images) == 4:
         images = list(images)
     elif isinstance(images, (Tensor, np.ndarray)):
@@ -582,7 +587,6 @@ def plot_comparison_grid(
     aspect = max(shown[i].shape[0] / shown[i].shape[1] for i in range(n))
     fig = _new_figure(cell_size * ncols + 1.0, cell_size * aspect * nrows + (0.5 if title else 0.2), constrained=True)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    cm = colormaps[cmap]
     for i in range(n):
         for k, r in enumerate(methods):
             row = i * len(methods) + k
@@ -603,6 +607,7 @@ def plot_comparison_grid(
             else:
                 lo, hi = _range(row_vals)
             norm = Normalize(vmin=lo, vmax=hi)
+            cm = colormaps[cmap_signed if (all_range if scale == "shared" else (lo, hi))[0] < 0 else cmap]
             for j, c in enumerate(layers):
                 ax = axes[row][j + 1]
                 ax.set_xticks([])
@@ -642,6 +647,60 @@ def plot_comparison_grid(
     if path is not None:
         save_figure(fig, path, dpi)
     return fig
+
+
+def overlay_map(
+    image: Union[Tensor, np.ndarray, Any],
+    heat: Union[Tensor, np.ndarray],
+    geometry: Optional[Tuple[Optional[int], Union[int, Sequence[int]]]] = None,
+    cmap: str = "viridis",
+    alpha: float = 0.55,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    dim_outside: float = 0.45,
+) -> np.ndarray:
+    r"""A map blended over the (unnormalised, uncropped) image, as an ``(H, W, 3)`` array in ``[0, 1]``.
+
+    The map is divided by its largest magnitude (``[0, 1]``, or ``[-1, 1]`` shown on ``[0, 1]`` of
+    the colour map for signed maps), placed on the image with :func:`map_to_original` and blended
+    with opacity ``alpha``; pixels outside the model's crop are darkened by ``dim_outside``.
+
+    Args:
+        image (Tensor or ndarray or PIL.Image.Image): the image (see :func:`plot_comparison_grid`).
+        heat (Tensor or ndarray): ``(h, w)`` map.
+        geometry (tuple, optional): ``(resize_size, crop_size)`` of the preprocessing that made the
+                    model input from ``image``; None when ``image`` is the model input. Default: None
+        cmap (str, optional): matplotlib colour map. Default: ``"viridis"``
+        alpha (float, optional): opacity of the map. Default: 0.55
+        mean (sequence of float, optional): normalisation mean to undo. Default: None
+        std (sequence of float, optional): normalisation std to undo. Default: None
+        dim_outside (float, optional): darkening of pixels the model did not see, in ``[0, 1]``.
+                    Default: 0.45
+
+    Returns:
+        ndarray: ``(H, W, 3)`` float array in ``[0, 1]``.
+
+    Examples::
+
+        >>> rgb = overlay_map(photo, maps[0, 0], geometry=(256, 224))
+        >>> PIL.Image.fromarray((rgb * 255).round().astype("uint8")).save("overlay.png")
+    """
+    from matplotlib import colormaps
+
+    if cmap not in colormaps:
+        raise ValueError(f"unknown colour map {cmap!r}; use a matplotlib name such as 'viridis', 'magma', 'inferno'")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
+    img = _as_display_image(image, mean, std)
+    h, w = img.shape[:2]
+    m = map_to_original(heat, (h, w), *(geometry if geometry is not None else (None, None)))
+    m = _cell_values(m, "map")
+    inside = np.isfinite(m)
+    if np.nanmin(np.where(inside, m, 0.0)) < 0:
+        m = (m + 1.0) / 2.0
+    rgb = colormaps[cmap](np.nan_to_num(m).clip(0, 1))[..., :3]
+    out = np.where(inside[..., None], (1 - alpha) * img + alpha * rgb, img * (1 - dim_outside))
+    return out.clip(0, 1)
 
 
 # --------------------------------------------------------------------------- sanity-check plots

@@ -230,6 +230,7 @@ def test_comparison_grid_reads_back(tmp_path: pathlib.Path) -> None:
     # overlay options reach the drawn map; the signed row gets a symmetric [-1, 1] bar
     heat = grid_axes[1].get_images()[1]
     assert heat.get_cmap().name == "magma" and heat.get_alpha() == 0.7
+    assert grid_axes[4].get_images()[1].get_cmap().name == "RdBu_r"  # the signed row: diverging colour map
     lims = sorted((round(b.get_ylim()[0], 3), round(b.get_ylim()[1], 3)) for b in bars)
     assert lims == [(-1.0, 1.0), (-1.0, 1.0), (0.0, 1.0), (0.0, 1.0)]
     assert "no map" in [t.get_text() for t in grid_axes[5].texts]

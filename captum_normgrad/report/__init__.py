@@ -1,0 +1,35 @@
+r"""Browse and publish the maps of an explain run.
+
+* :func:`build_report` writes a self-contained HTML report (``captum-normgrad report RUN_FOLDER``):
+  image x method x layer, sortable by pointing hit and energy on the mask, with filters, per-class
+  rates and a side-by-side comparison of two methods;
+* :func:`write_grids` writes one publication grid per image (``captum-normgrad explain --grid``);
+* :func:`load_explain_run` and :func:`score_run` read a run folder and score its maps against masks.
+
+Examples::
+
+    >>> from captum_normgrad.report import build_report
+    >>> build_report("maps", masks="masks")       # maps/report/index.html
+"""
+
+from .html import build_report
+from .run import (
+    ExplainRun,
+    describe_preprocess,
+    find_masks,
+    load_explain_run,
+    mask_to_model_input,
+    score_run,
+    write_grids,
+)
+
+__all__ = [
+    "build_report",
+    "ExplainRun",
+    "describe_preprocess",
+    "find_masks",
+    "load_explain_run",
+    "mask_to_model_input",
+    "score_run",
+    "write_grids",
+]

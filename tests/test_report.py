@@ -1,0 +1,146 @@
+"""The explain run folder -> publication grids (``explain --grid``) and the HTML report
+(``captum-normgrad report``), checked against independent computations on the files.
+
+The browser side of the report (rendering, sorting, filtering) is in test_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from captum_normgrad import cli
+from captum_normgrad.report import build_report, load_explain_run, mask_to_model_input, score_run, write_grids
+from report_helpers import LAYERS, METHODS, PAD, make_explain_run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    return make_explain_run(tmp_path_factory.mktemp("report"), extra_args=("--grid",))
+
+
+def test_explain_records_the_preprocessing_and_writes_grids(run) -> None:
+    index = json.loads((run["maps"] / "index.json").read_text())
+    assert index["preprocess"] == {"resize_size": 64, "crop_size": [64, 64], "mean": [0.0] * 3, "std": [1.0] * 3}
+    for i in range(4):
+        png = run["maps"] / f"grid__img{i}.png"
+        img = np.asarray(Image.open(png).convert("RGB"))
+        assert img.shape[0] > 600 and img.shape[1] > 600 and img.std() > 10
+    r = load_explain_run(run["maps"])
+    assert r.methods == list(METHODS) and r.layers == list(LAYERS) and r.geometry() == (64, (64, 64))
+
+
+def test_grid_places_the_map_on_the_uncropped_image(run, tmp_path: Path) -> None:
+    r = load_explain_run(run["maps"])
+    r.rows = r.rows[:1]
+    (path,) = write_grids(r, out=tmp_path, cmap="magma", alpha=0.4)
+    assert path.name == "grid__img0.png" and path.is_file()
+    # the same figure, kept in memory: every map cell colours exactly the crop (the 64 middle columns)
+    from captum_normgrad.viz import plot_comparison_grid
+
+    photo = np.asarray(Image.open(r.image_path(r.rows[0])))
+    maps = {m: {layer: [r.load_map(r.rows[0], m, layer)] for layer in r.layers} for m in r.methods}
+    fig = plot_comparison_grid([photo], maps, geometry=[r.geometry()])
+    cells = [a for a in fig.get_axes() if a.get_label() != "<colorbar>" and len(a.get_images()) == 2]
+    assert len(cells) == len(METHODS) * len(LAYERS)
+    for ax in cells:
+        drawn = ~np.ma.getmaskarray(ax.get_images()[1].get_array())
+        cols = np.where(drawn.any(0))[0]
+        assert (cols.min(), cols.max() + 1) == (PAD, PAD + 64) and drawn[:, PAD:PAD + 64].all()
+
+
+def _independent_scores(run, tolerance: float):
+    """Pointing hit and energy from the .npy maps and the mask files, written out longhand."""
+    out = {}
+    for i in range(4):
+        mask = np.asarray(Image.open(run["masks"] / f"img{i}.png")) > 0
+        mask = mask[:, PAD:PAD + 64]  # the model's centre crop of the padded image
+        for m in METHODS:
+            for layer in LAYERS:
+                heat = torch.from_numpy(np.load(run["maps"] / f"img{i}__{m}__{layer}.npy")).double()
+                up = F.interpolate(heat[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+                flat = int(up.flatten().argmax())
+                pr, pc = divmod(flat, 64)
+                rr, cc = np.nonzero(mask)
+                hit = bool((((rr - pr) ** 2 + (cc - pc) ** 2) < tolerance ** 2).any())
+                # energy: the positive part of the map (Score-CAM's "positive mass"), upsampled
+                pos = F.interpolate(heat.clamp(min=0)[None, None], size=(64, 64), mode="bilinear",
+                                    align_corners=False)[0, 0].numpy()
+                energy = float(pos[mask].sum() / pos.sum()) if pos.sum() > 0 else 0.0
+                out[(f"img{i}", m, layer)] = (hit, energy)
+    return out
+
+
+@pytest.mark.parametrize("tolerance", [2, 15])
+def test_scores_match_an_independent_computation(run, tolerance: float) -> None:
+    got = score_run(load_explain_run(run["maps"]), run["masks"], tolerance=tolerance)
+    ref = _independent_scores(run, tolerance)
+    assert set(got) == set(ref)
+    for key, (hit, energy) in ref.items():
+        assert got[key]["hit"] == hit, key
+        assert got[key]["energy"] == pytest.approx(energy, rel=1e-5, abs=1e-7), key
+    if tolerance == 2:  # a strict tolerance separates methods: not everything is a hit
+        assert 0 < sum(v["hit"] for v in got.values()) < len(got)
+
+
+def test_mask_to_model_input_against_slicing() -> None:
+    mask = np.zeros((40, 60), bool)
+    mask[5:30, 2:20] = True
+    np.testing.assert_array_equal(mask_to_model_input(mask, (40, (40, 40))), mask[:, 10:50])
+    np.testing.assert_array_equal(mask_to_model_input(mask, None), mask)
+    half = mask_to_model_input(mask, (20, (20, 20)))  # shorter side 40 -> 20, nearest, then crop 20 x 20 of 20 x 30
+    np.testing.assert_array_equal(half, mask[::2, ::2][:, 5:25])
+
+
+def test_report_cli_writes_a_self_contained_site(run, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "site"
+    assert cli.main(["report", str(run["maps"]), "--masks", str(run["masks"]), "--out", str(out), "--quiet",
+                     "--tolerance", "2"]) == 0
+    assert "index.html" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    # no network: no remote URL, no external script or stylesheet
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", page)
+    assert "<script src" not in page and "<link" not in page
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    assert len(data["cells"]) == 4 * len(METHODS) * len(LAYERS)
+    for c in data["cells"]:
+        assert (out / c["src"]).is_file()
+    for im in data["images"]:
+        assert (out / im["thumb"]).is_file()
+    # the page's numbers are the scores, and the summary their means
+    ref = _independent_scores(run, 2)
+    for c in data["cells"]:
+        hit, energy = ref[(data["images"][c["image"]]["name"], c["method"], c["layer"])]
+        assert c["hit"] == hit and c["energy"] == pytest.approx(energy, rel=1e-5, abs=1e-7)
+    for s in data["summary"]:
+        sel = [v for k, v in ref.items() if k[1] == s["method"] and k[2] == s["layer"]]
+        assert s["pointing"] == pytest.approx(np.mean([h for h, _ in sel]))
+        assert s["energy"] == pytest.approx(np.mean([e for _, e in sel]))
+    # the overlay of a map keeps the grey side bands the model did not see darkened, not coloured
+    ov = np.asarray(Image.open(out / "img" / "img0__normgrad__features.19.png").convert("RGB")).astype(int)
+    band = ov[:, : PAD - 1]
+    assert np.abs(band - band[..., :1]).max() <= 2 and band.mean() < 128 * 0.7  # grey, darker than 128
+
+
+def test_report_without_masks_and_errors(run, tmp_path: Path, capsys) -> None:
+    page = build_report(run["maps"], out=tmp_path / "r")
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page.read_text(), re.S).group(1))
+    assert data["has_scores"] is False and all(c["hit"] is None for c in data["cells"])
+    with pytest.raises(FileNotFoundError, match="has no index.json"):
+        build_report(tmp_path)
+    empty = tmp_path / "nomasks"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no mask in .* matches"):
+        build_report(run["maps"], out=tmp_path / "r2", masks=empty)
+    assert cli.main(["report", str(tmp_path / "missing")]) == 1
+    assert "no such run folder" in capsys.readouterr().err
