@@ -658,11 +658,12 @@ def overlay_map(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     dim_outside: float = 0.45,
+    cmap_signed: str = "RdBu_r",
 ) -> np.ndarray:
     r"""A map blended over the (unnormalised, uncropped) image, as an ``(H, W, 3)`` array in ``[0, 1]``.
 
-    The map is divided by its largest magnitude (``[0, 1]``, or ``[-1, 1]`` shown on ``[0, 1]`` of
-    the colour map for signed maps), placed on the image with :func:`map_to_original` and blended
+    The map is divided by its largest magnitude (``[0, 1]``; a signed map ``[-1, 1]`` is drawn with
+    the diverging ``cmap_signed``, 0 at its centre), placed on the image with :func:`map_to_original` and blended
     with opacity ``alpha``; pixels outside the model's crop are darkened by ``dim_outside``.
 
     Args:
@@ -676,6 +677,7 @@ def overlay_map(
         std (sequence of float, optional): normalisation std to undo. Default: None
         dim_outside (float, optional): darkening of pixels the model did not see, in ``[0, 1]``.
                     Default: 0.45
+        cmap_signed (str, optional): colour map of maps with negative values. Default: ``"RdBu_r"``
 
     Returns:
         ndarray: ``(H, W, 3)`` float array in ``[0, 1]``.
@@ -687,8 +689,9 @@ def overlay_map(
     """
     from matplotlib import colormaps
 
-    if cmap not in colormaps:
-        raise ValueError(f"unknown colour map {cmap!r}; use a matplotlib name such as 'viridis', 'magma', 'inferno'")
+    for name in (cmap, cmap_signed):
+        if name not in colormaps:
+            raise ValueError(f"unknown colour map {name!r}; use a matplotlib name such as 'viridis', 'magma', 'RdBu_r'")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
     img = _as_display_image(image, mean, std)
@@ -696,9 +699,10 @@ def overlay_map(
     m = map_to_original(heat, (h, w), *(geometry if geometry is not None else (None, None)))
     m = _cell_values(m, "map")
     inside = np.isfinite(m)
+    cm = colormaps[cmap]
     if np.nanmin(np.where(inside, m, 0.0)) < 0:
-        m = (m + 1.0) / 2.0
-    rgb = colormaps[cmap](np.nan_to_num(m).clip(0, 1))[..., :3]
+        m, cm = (m + 1.0) / 2.0, colormaps[cmap_signed]
+    rgb = cm(np.nan_to_num(m).clip(0, 1))[..., :3]
     out = np.where(inside[..., None], (1 - alpha) * img + alpha * rgb, img * (1 - dim_outside))
     return out.clip(0, 1)
 

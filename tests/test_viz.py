@@ -19,6 +19,7 @@ from captum_normgrad.viz import (
     compute_attribution_grid,
     crop_box,
     map_to_original,
+    overlay_map,
     plot_attribution_grid,
     plot_comparison_grid,
     unnormalize,
@@ -270,3 +271,23 @@ def test_comparison_grid_bad_inputs() -> None:
         plot_comparison_grid(torch.rand(3, 8, 8), maps, mean=IMAGENET_MEAN)
     with pytest.raises(ValueError, match="scale"):
         plot_comparison_grid(torch.rand(3, 8, 8), maps, scale="global")
+
+
+def test_overlay_map_against_hand_blend() -> None:
+    from matplotlib import colormaps
+
+    img = np.full((20, 30, 3), 0.5)
+    heat = torch.zeros(2, 2)
+    heat[1, 1] = 4.0
+    out = overlay_map(img, heat, geometry=(20, 20), alpha=0.25, dim_outside=0.4)  # crop: the 20 x 20 middle
+    m = map_to_original(heat, (20, 30), 20, 20) / 4.0
+    inside = np.isfinite(m)
+    assert inside.sum() == 400 and inside[:, 5:25].all()
+    expected = 0.75 * 0.5 + 0.25 * colormaps["viridis"](np.nan_to_num(m))[..., :3]
+    np.testing.assert_allclose(out[inside], expected[inside])
+    np.testing.assert_allclose(out[~inside], 0.5 * 0.6)  # the part the model never saw: darkened, not coloured
+    signed = overlay_map(img, -heat, alpha=1.0)  # signed map: the diverging colour map, 0 at its centre
+    ref = colormaps["RdBu_r"]((map_to_original(-heat, (20, 30)) / 4.0 + 1.0) / 2.0)[..., :3]
+    np.testing.assert_allclose(signed, ref)
+    with pytest.raises(ValueError, match="unknown colour map"):
+        overlay_map(img, heat, cmap="nope")

@@ -132,7 +132,7 @@ def build_report(
     model = str(run.index.get("model", "model"))
     page_title = title or f"Saliency maps: {model}"
     meta = (f"{len(images)} image(s) \u00d7 {len(run.methods)} method(s) \u00d7 {len(run.layers)} layer(s); "
-            f"target: {run.index.get('target', 'pred')}; run folder: {run.folder}")
+            f"target: {run.index.get('target', 'pred')}; run folder: {run.folder.name}")
     if has_scores:
         note = (f"Pointing: the map's maximum lies within {tolerance:g} px (model-input pixels) of the object mask. "
                 "Energy: share of the map's positive mass on the mask. Both are computed on the part of the image "
