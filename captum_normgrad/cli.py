@@ -284,7 +284,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     page = build_report(args.run_folder, out=args.out, masks=args.masks, tolerance=args.tolerance,
-                        image_root=args.images, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+                        image_root=args.images, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet,
+                        max_images=args.max_images)
     print(f"report: {page} (open it in a browser; the folder {page.parent} is self-contained, no network needed)")
     return EXIT_OK
 
@@ -295,11 +296,12 @@ def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "report",
         help="browsable, self-contained HTML report of an explain run (sort, filter, compare methods)",
         description=(
-            "Write a static HTML report of the --out folder of `captum-normgrad explain`: every image x\n"
-            "method x layer overlaid on the original image, sortable and filterable, with a side-by-side\n"
-            "comparison of two methods. With --masks (object masks named like the images), every map\n"
-            "gets its pointing hit and energy on the mask, and the summary the rates per method, layer\n"
-            "and class. The report folder needs no network: open index.html in a browser."
+            "Write a static HTML report of the --out folder of `captum-normgrad explain` (or the output\n"
+            "folder of `captum-normgrad run`): every image x method x layer overlaid on the original\n"
+            "image, sortable and filterable, with a side-by-side comparison of two methods. With object\n"
+            "masks (--masks DIR, named like the images; a runner dataset's own masks) every map gets its\n"
+            "pointing hit and energy on the mask, and the summary the rates per method, layer and class.\n"
+            "The report folder needs no network: open index.html in a browser."
         ),
         epilog=(
             "examples:\n"
@@ -308,7 +310,8 @@ def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         ),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("run_folder", metavar="RUN_FOLDER", help="the --out folder of captum-normgrad explain")
+    p.add_argument("run_folder", metavar="RUN_FOLDER",
+                   help="the --out folder of captum-normgrad explain, or the output folder of captum-normgrad run")
     p.add_argument("--out", default=None, help="report folder (default: RUN_FOLDER/report)")
     p.add_argument("--masks", default=None, metavar="DIR",
                    help="folder of object masks named like the images (any image format, non-zero = object)")
@@ -316,6 +319,8 @@ def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--images", default=None, metavar="DIR", help="folder of the original images, if moved")
     p.add_argument("--cmap", default="viridis", help="colour map of the overlays (any matplotlib name)")
     p.add_argument("--alpha", type=float, default=0.55, help="opacity of the maps over the images")
+    p.add_argument("--max-images", type=_positive_int, default=100,
+                   help="runner runs: report the first N samples (explain runs are reported whole)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)
 

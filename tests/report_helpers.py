@@ -43,3 +43,22 @@ def make_explain_run(root: Path, n: int = 4, extra_args: Tuple[str, ...] = ()) -
     ])
     assert code == 0
     return {"imgs": imgs, "masks": masks, "maps": out}
+
+
+def make_runner_run(root: Path, n: int = 6) -> Path:
+    """A finished runner output: the benchmark VGG on n generated test images (which carry masks)."""
+    import json
+
+    from captum_normgrad.runner import load_config, run
+
+    config = {
+        "output": "maps_run", "batch_size": 4, "shard_size": 4, "threads": 1, "progress": False,
+        "dataset": {"kind": "generated", "name": "shapes", "kwargs": {"num_images": n, "split": "test", "image_size": 64}},
+        "model": {"source": "benchmark", "name": "vgg"},
+        "layers": list(LAYERS),
+        "methods": ["normgrad", {"method": "gradcam", "layers": [LAYERS[1]]}],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.json").write_text(json.dumps(config))
+    run(load_config(root / "run.json"))
+    return root / "maps_run"

@@ -183,10 +183,28 @@ def test_report_side_by_side(report_page) -> None:
     srcs = page.eval_on_selector_all("#compare tr", "rs => rs.map(r => Array.from(r.querySelectorAll('img'))"
                                      ".map(i => i.getAttribute('src')))")
     assert len(srcs) == 4
+    data = json.loads(page.eval_on_selector("#report-data", "e => e.textContent"))
+    src = {(c["image"], c["method"], c["layer"]): c["src"] for c in data["cells"]}
     for i, (orig, a, b) in enumerate(srcs):
-        assert orig == f"img/img{i}.png"
-        assert a == f"img/img{i}__normgrad__{LAYERS[1]}.png" and b == f"img/img{i}__gradxact__{LAYERS[1]}.png"
+        assert orig == data["images"][i]["thumb"] and data["images"][i]["name"] == f"img{i}"
+        assert a == src[(i, "normgrad", LAYERS[1])] and b == src[(i, "gradxact", LAYERS[1])]
     assert report_page.broken_images() == [] and report_page.errors == []
+
+
+def test_report_of_a_runner_run_in_the_browser(tmp_path: Path, browser) -> None:
+    from captum_normgrad.report import build_report
+    from report_helpers import make_runner_run
+
+    page_path = build_report(make_runner_run(tmp_path / "r"), out=tmp_path / "site", tolerance=2)
+    p = _Page(browser, "file://")
+    p.page.goto(page_path.as_uri())
+    p.page.wait_for_selector("body[data-ready='1']")
+    assert p.errors == [] and p.external == [] and p.broken_images() == []
+    assert p.page.locator("#cells tbody tr").count() == 6 * 3
+    p.page.select_option("#sort-key", "hit")
+    hits = p.page.eval_on_selector_all("#cells tbody tr td:nth-child(8)", "tds => tds.map(t => t.textContent)")
+    assert hits == sorted(hits, key=lambda h: h == "hit") and "hit" in hits  # misses first, ascending
+    p.page.close()
 
 
 # --------------------------------------------------------------------------- the docs

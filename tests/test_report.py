@@ -127,7 +127,9 @@ def test_report_cli_writes_a_self_contained_site(run, tmp_path: Path, capsys) ->
         assert s["pointing"] == pytest.approx(np.mean([h for h, _ in sel]))
         assert s["energy"] == pytest.approx(np.mean([e for _, e in sel]))
     # the overlay of a map keeps the grey side bands the model did not see darkened, not coloured
-    ov = np.asarray(Image.open(out / "img" / "img0__normgrad__features.19.png").convert("RGB")).astype(int)
+    (src,) = [c["src"] for c in data["cells"] if data["images"][c["image"]]["name"] == "img0"
+              and c["method"] == "normgrad" and c["layer"] == "features.19"]
+    ov = np.asarray(Image.open(out / src).convert("RGB")).astype(int)
     band = ov[:, : PAD - 1]
     assert np.abs(band - band[..., :1]).max() <= 2 and band.mean() < 128 * 0.7  # grey, darker than 128
 
@@ -144,3 +146,38 @@ def test_report_without_masks_and_errors(run, tmp_path: Path, capsys) -> None:
         build_report(run["maps"], out=tmp_path / "r2", masks=empty)
     assert cli.main(["report", str(tmp_path / "missing")]) == 1
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_report_of_a_runner_run(tmp_path: Path) -> None:
+    """A runner folder: images from the run's generated dataset, its masks score every map."""
+    from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
+    from captum_normgrad.runner import RunOutput
+    from report_helpers import make_runner_run
+
+    folder = make_runner_run(tmp_path / "r")
+    page = build_report(folder, out=tmp_path / "site", tolerance=2, max_images=5)
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page.read_text(), re.S).group(1))
+    assert [im["name"] for im in data["images"]] == ["0", "1", "2", "3", "4"]  # the first 5 of 6
+    assert data["methods"] == ["gradcam", "normgrad"] and data["layers"] == [LAYERS[0], LAYERS[1]]
+    assert len(data["cells"]) == 5 * 3  # Grad-CAM at one layer, NormGrad at two
+    ds, out = ShapesDataset(6, split="test"), RunOutput(folder)
+    for c in data["cells"]:
+        assert (tmp_path / "site" / c["src"]).is_file()
+        k = c["image"]
+        image, label, mask = ds[k]
+        assert data["images"][k]["target_name"] == CLASS_NAMES[label]
+        idx, maps = out.maps(f"{c['method']}/{c['layer']}")
+        heat = maps[idx.tolist().index(k)][0].double()
+        up = F.interpolate(heat[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        pr, pc = divmod(int(up.flatten().argmax()), 64)
+        rr, cc = np.nonzero(mask.numpy())
+        assert c["hit"] == bool((((rr - pr) ** 2 + (cc - pc) ** 2) < 4).any())
+        pos = F.interpolate(heat.clamp(min=0)[None, None], size=(64, 64), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+        assert c["energy"] == pytest.approx(float(pos[mask.numpy()].sum() / pos.sum()), rel=1e-5)
+    # the thumbnail is the dataset image itself (no normalisation in this configuration)
+    thumb = np.asarray(Image.open(tmp_path / "site" / data["images"][0]["thumb"]).convert("RGB")).astype(float)
+    ref = ShapesDataset(1, split="test")[0][0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(thumb - ref).max() <= 1.0
+    with pytest.raises(ValueError, match="--masks is for explain runs"):
+        build_report(folder, out=tmp_path / "x", masks=tmp_path)

@@ -1,10 +1,11 @@
-r"""Browse and publish the maps of an explain run.
+r"""Browse and publish the maps of a run (``captum-normgrad explain`` or ``captum-normgrad run``).
 
 * :func:`build_report` writes a self-contained HTML report (``captum-normgrad report RUN_FOLDER``):
   image x method x layer, sortable by pointing hit and energy on the mask, with filters, per-class
-  rates and a side-by-side comparison of two methods;
+  rates and a side-by-side comparison of two methods, for explain and runner output folders;
 * :func:`write_grids` writes one publication grid per image (``captum-normgrad explain --grid``);
-* :func:`load_explain_run` and :func:`score_run` read a run folder and score its maps against masks.
+* :func:`load_explain_run` and :func:`score_run` read an explain folder and score its maps against
+  masks; :func:`read_runner_run` reads a runner folder (images from the run's dataset).
 
 Examples::
 
@@ -19,9 +20,11 @@ from .run import (
     find_masks,
     load_explain_run,
     mask_to_model_input,
+    score_map,
     score_run,
     write_grids,
 )
+from .runner_run import RunnerSamples, read_runner_run
 
 __all__ = [
     "build_report",
@@ -30,6 +33,9 @@ __all__ = [
     "find_masks",
     "load_explain_run",
     "mask_to_model_input",
+    "read_runner_run",
+    "RunnerSamples",
+    "score_map",
     "score_run",
     "write_grids",
 ]

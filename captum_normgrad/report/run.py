@@ -31,6 +31,7 @@ __all__ = [
     "load_explain_run",
     "find_masks",
     "mask_to_model_input",
+    "score_map",
     "score_run",
     "write_grids",
 ]
@@ -249,6 +250,30 @@ def _read_mask(path: Path) -> np.ndarray:
     return a > 0
 
 
+def score_map(heat: np.ndarray, mask: np.ndarray, tolerance: float = 15) -> Dict[str, Any]:
+    r"""Pointing hit and energy on the mask of one map, the mask at the model input's resolution.
+
+    :func:`captum_normgrad.metrics.pointing_game_hits` and
+    :func:`captum_normgrad.metrics.energy_pointing_game` (positive mass, ``negative="clip"``).
+
+    Args:
+        heat (ndarray): ``(h, w)`` map.
+        mask (ndarray): ``(H, W)`` boolean mask of the model input, not empty.
+        tolerance (float, optional): pointing tolerance in pixels. Default: 15
+
+    Returns:
+        dict: ``{"hit": bool, "energy": float}``.
+    """
+    import torch
+
+    from ..metrics.localisation import energy_pointing_game, pointing_game_hits
+
+    m = torch.as_tensor(np.asarray(heat, dtype=np.float64))[None, None]
+    t = torch.as_tensor(np.asarray(mask, dtype=bool))[None]
+    return {"hit": bool(pointing_game_hits(m, t, tolerance=tolerance)[0]),
+            "energy": float(energy_pointing_game(m, t, negative="clip")[0])}
+
+
 def score_run(
     run: ExplainRun,
     masks: Union[str, Path],
@@ -276,10 +301,6 @@ def score_run(
         >>> scores[("cat", "normgrad", "layer3")]
         {'hit': True, 'energy': 0.61, 'note': ''}
     """
-    import torch
-
-    from ..metrics.localisation import energy_pointing_game, pointing_game_hits
-
     found = find_masks(masks, [r["name"] for r in run.rows])
     if not found:
         raise ValueError(
@@ -303,10 +324,7 @@ def score_run(
             for layer in run.layers:
                 rec: Dict[str, Any] = {"hit": None, "energy": None, "note": note}
                 if mk is not None:
-                    m = torch.from_numpy(run.load_map(row, method, layer))[None, None]
-                    t = torch.from_numpy(mk)[None]
-                    rec["hit"] = bool(pointing_game_hits(m, t, tolerance=tolerance)[0])
-                    rec["energy"] = float(energy_pointing_game(m, t, negative="clip")[0])
+                    rec.update(score_map(run.load_map(row, method, layer), mk, tolerance))
                 out[(name, method, layer)] = rec
     return out
 
