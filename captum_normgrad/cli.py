@@ -135,8 +135,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
-    if getattr(args, "grid", False) and not {"npy", "pt"} & set(formats):
-        formats.append("npy")  # the grid is drawn from the raw maps
+    if getattr(args, "grid", False):
+        from .viz import check_style
+
+        check_style(args.cmap, args.alpha)  # before any work
+        if not {"npy", "pt"} & set(formats):
+            formats.append("npy")  # the grid is drawn from the raw maps
     device = resolve_device(args.device)
     loaded = load_model(
         args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
@@ -164,7 +168,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if getattr(args, "grid", False):
         from .report import load_explain_run, write_grids
 
-        grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha)
+        grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
         print(f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
               f"{Path(args.out) / 'grid__*.png'}")
     return EXIT_OK

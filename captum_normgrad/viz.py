@@ -36,6 +36,7 @@ __all__ = [
     "plot_attribution_grid",
     "plot_comparison_grid",
     "overlay_map",
+    "check_style",
     "plot_randomization",
     "plot_randomization_maps",
     "save_figure",
@@ -283,6 +284,26 @@ def plot_attribution_grid(
 # --------------------------------------------------------------------------- image geometry
 
 
+def check_style(cmap: str = "viridis", alpha: float = 0.55, cmap_signed: str = "RdBu_r") -> None:
+    r"""Validate overlay options before any work: colour map names and opacity.
+
+    Args:
+        cmap (str, optional): matplotlib colour map name. Default: ``"viridis"``
+        alpha (float, optional): opacity of the map, in ``[0, 1]``. Default: 0.55
+        cmap_signed (str, optional): colour map of signed maps. Default: ``"RdBu_r"``
+
+    Raises:
+        ValueError: an unknown colour map or an opacity outside ``[0, 1]``.
+    """
+    from matplotlib import colormaps
+
+    for name in (cmap, cmap_signed):
+        if name not in colormaps:
+            raise ValueError(f"unknown colour map {name!r}; use a matplotlib name such as 'viridis', 'magma', 'RdBu_r'")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
+
+
 def unnormalize(
     x: Union[Tensor, np.ndarray],
     mean: Sequence[float],
@@ -527,11 +548,7 @@ def plot_comparison_grid(
         raise ValueError("maps is empty; give maps[method][layer] -> maps of the images")
     if scale not in ("map", "row", "shared"):
         raise ValueError(f"scale must be 'map', 'row' or 'shared', got {scale!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
-    for name in (cmap, cmap_signed):
-        if name not in colormaps:
-            raise ValueError(f"unknown colour map {name!r}; use a matplotlib name such as 'viridis', 'magma', 'RdBu_r'")
+    check_style(cmap, alpha, cmap_signed)
     if isinstance(images, (Tensor, np.ndarray)) and np.ndim(images) == 4:
         images = list(images)
     elif isinstance(images, (Tensor, np.ndarray)):
@@ -689,11 +706,7 @@ def overlay_map(
     """
     from matplotlib import colormaps
 
-    for name in (cmap, cmap_signed):
-        if name not in colormaps:
-            raise ValueError(f"unknown colour map {name!r}; use a matplotlib name such as 'viridis', 'magma', 'RdBu_r'")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha is the opacity of the map and must lie in [0, 1], got {alpha}")
+    check_style(cmap, alpha, cmap_signed)
     img = _as_display_image(image, mean, std)
     h, w = img.shape[:2]
     m = map_to_original(heat, (h, w), *(geometry if geometry is not None else (None, None)))

@@ -39,6 +39,19 @@ def test_explain_records_the_preprocessing_and_writes_grids(run) -> None:
     assert r.methods == list(METHODS) and r.layers == list(LAYERS) and r.geometry() == (64, (64, 64))
 
 
+def test_grid_without_raw_maps_asked_saves_them(tmp_path: Path, capsys) -> None:
+    """--grid draws from the raw maps: with --save png only, explain still writes the .npy it needs."""
+    run = make_explain_run(tmp_path, n=1, extra_args=("--save", "png", "--grid"))
+    assert (run["maps"] / "grid__img0.png").is_file()
+    assert (run["maps"] / f"img0__normgrad__{LAYERS[0]}.npy").is_file()
+    assert "1 comparison grid(s)" in capsys.readouterr().out
+    assert cli.main(["explain", str(run["imgs"]), "--model", "captum_normgrad.models:ShapesVGG", "--image-size", "64",
+                     "--layer", LAYERS[0], "--out", str(tmp_path / "bad"), "--grid", "--cmap", "viridiss",
+                     "--quiet"]) == 1
+    assert "unknown colour map 'viridiss'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
 def test_grid_places_the_map_on_the_uncropped_image(run, tmp_path: Path) -> None:
     r = load_explain_run(run["maps"])
     r.rows = r.rows[:1]

@@ -111,8 +111,9 @@ def build_report(
     from tqdm.auto import tqdm
 
     from ..io import load_image
-    from ..viz import overlay_map
+    from ..viz import check_style, overlay_map
 
+    check_style(cmap, alpha)
     folder = Path(run_folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such run folder: {str(run_folder)!r}")

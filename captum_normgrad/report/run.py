@@ -337,6 +337,7 @@ def write_grids(
     alpha: float = 0.55,
     scale: str = "map",
     dpi: int = 150,
+    progress: bool = False,
 ) -> List[Path]:
     r"""One publication grid (methods x layers over the original image) per image of a run.
 
@@ -352,17 +353,20 @@ def write_grids(
         scale (str, optional): colour scale, see :func:`~captum_normgrad.viz.plot_comparison_grid`.
                     Default: ``"map"``
         dpi (int, optional): resolution. Default: 150
+        progress (bool, optional): tqdm progress bar over images. Default: False
 
     Returns:
         list[Path]: the PNG files, ``grid__IMAGE.png``.
     """
+    from tqdm.auto import tqdm
+
     from ..io import load_image
     from ..viz import plot_comparison_grid
 
     d = Path(out) if out is not None else run.folder
     written = []
     geo = run.geometry()
-    for row in run.rows:
+    for row in tqdm(run.rows, desc="grids", unit="img", disable=not progress, leave=False):
         photo = load_image(run.image_path(row, image_root))
         maps = {m: {layer: [run.load_map(row, m, layer)] for layer in run.layers} for m in run.methods}
         title = f"{row['name']}: {run.index.get('model', '')}"
