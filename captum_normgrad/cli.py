@@ -165,6 +165,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     )
     for path, reason in report.skipped:
         print(f"{PROG}: warning: skipped {reason}", file=sys.stderr)
+    from .report import record_preprocessing
+
+    record_preprocessing(args.out, loaded)  # lets `report` and --grid place the maps on the original photos
     if getattr(args, "grid", False):
         from .report import load_explain_run, write_grids
 

@@ -352,8 +352,6 @@ def explain_files(
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0
-    from .report.run import describe_preprocess  # lets the report and --grid map the maps onto the photos
-
     index = out_dir / "index.json"
     index.write_text(
         json.dumps(
@@ -363,7 +361,6 @@ def explain_files(
                 "methods": list(methods),
                 "target": str(target),
                 "options": {k: v for k, v in (options or {}).items() if v is not None},
-                "preprocess": describe_preprocess(loaded.preprocess, loaded.mean, loaded.std),
                 "images": report.rows,
                 "skipped": [{"image": p, "reason": r} for p, r in report.skipped],
                 "seconds": round(report.seconds, 3),

@@ -29,8 +29,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_explain_records_the_preprocessing_and_writes_grids(run) -> None:
-    index = json.loads((run["maps"] / "index.json").read_text())
-    assert index["preprocess"] == {"resize_size": 64, "crop_size": [64, 64], "mean": [0.0] * 3, "std": [1.0] * 3}
+    pre = json.loads((run["maps"] / "preprocess.json").read_text())
+    assert pre == {"resize_size": 64, "crop_size": [64, 64], "mean": [0.0] * 3, "std": [1.0] * 3}
     for i in range(4):
         png = run["maps"] / f"grid__img{i}.png"
         img = np.asarray(Image.open(png).convert("RGB"))
@@ -194,3 +194,22 @@ def test_report_of_a_runner_run(tmp_path: Path) -> None:
     assert np.abs(thumb - ref).max() <= 1.0
     with pytest.raises(ValueError, match="--masks is for explain runs"):
         build_report(folder, out=tmp_path / "x", masks=tmp_path)
+
+
+def test_describe_preprocess_and_missing_geometry(run, tmp_path: Path) -> None:
+    import shutil
+
+    import torchvision
+
+    from captum_normgrad.report import describe_preprocess
+
+    t = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()  # no download: the preset only
+    assert describe_preprocess(t, t.mean, t.std) == {
+        "resize_size": 232, "crop_size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert describe_preprocess(lambda im: im, (0.5,) * 3, (0.5,) * 3) is None  # a custom transform
+    old = tmp_path / "old"
+    shutil.copytree(run["maps"], old)
+    (old / "preprocess.json").unlink()
+    with pytest.warns(UserWarning, match="no preprocess.json"):
+        r = load_explain_run(old)
+    assert r.geometry() is None

@@ -2,9 +2,10 @@ r"""Read the folder written by ``captum-normgrad explain`` and score its maps ag
 
 An explain run folder holds ``index.json`` (model, methods, layers, one record per image with its
 target, prediction and probabilities), the raw maps ``IMAGE__METHOD__LAYER.npy`` (or ``.pt``) at
-the layer's resolution, and, since this version, the preprocessing geometry (``"preprocess"`` in
-``index.json``: resize, centre crop, mean, std) that lets a map be placed back on the original,
-uncropped photograph.
+the layer's resolution, and ``preprocess.json``, the preprocessing geometry (resize, centre crop,
+mean, std; written by ``captum-normgrad explain``, or by :func:`record_preprocessing` after
+:func:`captum_normgrad.explain.explain_files`) that places a map back on the original, uncropped
+photograph.
 
 Examples::
 
@@ -28,6 +29,7 @@ import numpy as np
 __all__ = [
     "ExplainRun",
     "describe_preprocess",
+    "record_preprocessing",
     "load_explain_run",
     "find_masks",
     "mask_to_model_input",
@@ -79,6 +81,33 @@ def describe_preprocess(preprocess: Any, mean: Sequence[float], std: Sequence[fl
     }
 
 
+PREPROCESS_FILE = "preprocess.json"
+
+
+def record_preprocessing(folder: Union[str, Path], loaded: Any) -> Path:
+    r"""Write ``preprocess.json`` (see :func:`describe_preprocess`) into an explain run folder.
+
+    ``captum-normgrad explain`` does it; call it after :func:`captum_normgrad.explain.explain_files`
+    in Python so that the report and the grids place the maps on the original, uncropped images.
+
+    Args:
+        folder (str or Path): the run folder.
+        loaded (LoadedModel): the model and preprocessing, from :func:`captum_normgrad.io.load_model`.
+
+    Returns:
+        Path: the file written.
+
+    Examples::
+
+        >>> explain_files(items, loaded, layers, ["normgrad"], out="maps")
+        >>> record_preprocessing("maps", loaded)
+    """
+    p = Path(folder) / PREPROCESS_FILE
+    p.write_text(json.dumps(describe_preprocess(loaded.preprocess, loaded.mean, loaded.std), indent=1) + "\n",
+                 encoding="utf-8")
+    return p
+
+
 @dataclass
 class ExplainRun:
     r"""An explain run folder, read.
@@ -90,8 +119,8 @@ class ExplainRun:
                     ``prob_target``, ``prob_pred``, class names when known).
         methods (list[str]): method names, in run order.
         layers (list[str]): layer names, in run order.
-        preprocess (dict or None): see :func:`describe_preprocess`; None for runs written before
-                    the geometry was recorded (maps are then assumed to cover the whole image).
+        preprocess (dict or None): ``preprocess.json``, see :func:`describe_preprocess`; None when
+                    absent (maps are then assumed to cover the whole image).
     """
 
     folder: Path
@@ -184,12 +213,14 @@ def load_explain_run(folder: Union[str, Path]) -> ExplainRun:
         raise ValueError(f"{d} is a runner output folder; the report reads explain folders (captum-normgrad explain)")
     if not isinstance(index, dict) or not {"images", "methods", "layers"} <= set(index):
         raise ValueError(f"{idx} is not an explain index (needs images, methods and layers); rerun explain")
-    pre = index.get("preprocess")
+    pre_file = d / PREPROCESS_FILE
+    pre = json.loads(pre_file.read_text(encoding="utf-8")) if pre_file.is_file() else None
     if pre is None:
+        why = ("its preprocessing has no resize/centre-crop geometry" if pre_file.is_file() else
+               f"it has no {PREPROCESS_FILE} (an older run, or explain_files without record_preprocessing)")
         warnings.warn(
-            f"{idx} records no preprocessing geometry (a run from an older version): maps are drawn over the "
-            "whole image, which is right only if the model saw the whole image; rerun explain to record it",
-            stacklevel=2,
+            f"{d}: {why}; maps are drawn over the whole image, which is right only if the model saw the whole "
+            "image", stacklevel=2,
         )
     return ExplainRun(d, index, list(index["images"]), list(index["methods"]), list(index["layers"]), pre)
 
