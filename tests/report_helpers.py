@@ -15,11 +15,14 @@ from PIL import Image
 
 from captum_normgrad import cli
 from captum_normgrad.datasets import ShapesDataset
+from captum_normgrad.explain import METHODS as EXPLAIN_METHODS
 from captum_normgrad.models import weights_path
 
 PAD = 8  # grey columns on each side
 LAYERS = ("features.12", "features.19")
-METHODS = ("normgrad", "gradcam", "gradxact")
+# a signed method too (gradient x activation summed over channels; its registry name is gradxact_sum
+# where gradxact gives one map per channel)
+METHODS = ("normgrad", "gradcam", "gradxact_sum" if "gradxact_sum" in EXPLAIN_METHODS else "gradxact")
 
 
 def make_explain_run(root: Path, n: int = 4, extra_args: Tuple[str, ...] = ()) -> Dict[str, Path]:

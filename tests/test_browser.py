@@ -178,7 +178,7 @@ def test_report_filters(report_page) -> None:
 def test_report_side_by_side(report_page) -> None:
     page = report_page.page
     page.select_option("#cmp-a", "normgrad")
-    page.select_option("#cmp-b", "gradxact")
+    page.select_option("#cmp-b", METHODS[2])
     page.select_option("#cmp-layer", LAYERS[1])
     srcs = page.eval_on_selector_all("#compare tr", "rs => rs.map(r => Array.from(r.querySelectorAll('img'))"
                                      ".map(i => i.getAttribute('src')))")
@@ -187,7 +187,7 @@ def test_report_side_by_side(report_page) -> None:
     src = {(c["image"], c["method"], c["layer"]): c["src"] for c in data["cells"]}
     for i, (orig, a, b) in enumerate(srcs):
         assert orig == data["images"][i]["thumb"] and data["images"][i]["name"] == f"img{i}"
-        assert a == src[(i, "normgrad", LAYERS[1])] and b == src[(i, "gradxact", LAYERS[1])]
+        assert a == src[(i, "normgrad", LAYERS[1])] and b == src[(i, METHODS[2], LAYERS[1])]
     assert report_page.broken_images() == [] and report_page.errors == []
 
 
