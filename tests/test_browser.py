@@ -27,7 +27,7 @@ import pytest
 from report_helpers import LAYERS, METHODS, make_explain_run
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # a browser, a model run, a site build
 
 
 def _chromium() -> str:
@@ -240,7 +240,6 @@ DOC_PAGES = sorted(p.relative_to(ROOT / "docs").with_suffix("").as_posix() for p
 RAW_TEX = re.compile(r"\$\$|\\frac|\\\||\\\(|\\\[|\\operatorname|\\mathrm|\\sum_|\\left|\\hat\{|\\odot")
 
 
-@pytest.mark.slow
 def test_every_docs_page_renders_offline(browser, docs_site: str) -> None:
     """Every page: loads with no request off the site and no console error, every formula typeset by
     the vendored MathJax (no raw TeX left in the visible text), every image decoded."""

@@ -161,6 +161,7 @@ def test_report_without_masks_and_errors(run, tmp_path: Path, capsys) -> None:
     assert "no such run folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_of_a_runner_run(tmp_path: Path) -> None:
     """A runner folder: images from the run's generated dataset, its masks score every map."""
     from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
