@@ -135,7 +135,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
-    if getattr(args, "grid", False):
+    if getattr(args, "grid", False) or getattr(args, "report", False):
         from .viz import check_style
 
         check_style(args.cmap, args.alpha)  # before any work
@@ -174,6 +174,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
         print(f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
               f"{Path(args.out) / 'grid__*.png'}")
+    if getattr(args, "report", False):
+        from .report import build_report
+
+        page = build_report(args.out, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+        print(f"report: {page} (open it in a browser; no network needed)")
     return EXIT_OK
 
 
@@ -228,8 +233,12 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     o.add_argument("--grid", action="store_true",
                    help="also write grid__IMAGE.png per image: methods x layers over the original, uncropped "
                    "image, with class name, probability and colour bars (publication figure)")
-    o.add_argument("--cmap", default="viridis", help="colour map of the --grid figures (any matplotlib name)")
-    o.add_argument("--alpha", type=float, default=0.55, help="opacity of the maps in the --grid figures")
+    o.add_argument("--cmap", default="viridis",
+                   help="colour map of the --grid figures and the --report (any matplotlib name)")
+    o.add_argument("--alpha", type=float, default=0.55,
+                   help="opacity of the maps in the --grid figures and the --report")
+    o.add_argument("--report", action="store_true",
+                   help="also write the browsable HTML report OUT/report/index.html (see `captum-normgrad report`)")
     o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     o.add_argument("--batch-size", type=_positive_int, default=8, help="images per pass")
     o.add_argument("--no-recursive", action="store_true", help="do not look into sub-folders")

@@ -38,7 +38,8 @@ def test_explain_records_the_preprocessing(run) -> None:
 
 def test_grid_without_raw_maps_asked_saves_them(tmp_path: Path, capsys) -> None:
     """--grid draws from the raw maps: with --save png only, explain still writes the .npy it needs."""
-    run = make_explain_run(tmp_path, n=1, extra_args=("--save", "png", "--grid"))
+    run = make_explain_run(tmp_path, n=1, extra_args=("--save", "png", "--grid", "--report"))
+    assert (run["maps"] / "report" / "index.html").is_file()  # --report: the HTML report of the run, too
     img = np.asarray(Image.open(run["maps"] / "grid__img0.png").convert("RGB"))
     assert img.shape[0] > 600 and img.shape[1] > 600 and img.std() > 10  # legible size, not blank
     assert (run["maps"] / f"img0__normgrad__{LAYERS[0]}.npy").is_file()
