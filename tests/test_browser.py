@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import json
 import os
 import re
@@ -22,7 +23,9 @@ import threading
 from pathlib import Path
 from typing import Iterator, List
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from report_helpers import LAYERS, METHODS, make_explain_run
 
@@ -242,7 +245,8 @@ RAW_TEX = re.compile(r"\$\$|\\frac|\\\||\\\(|\\\[|\\operatorname|\\mathrm|\\sum_
 
 def test_every_docs_page_renders_offline(browser, docs_site: str) -> None:
     """Every page: loads with no request off the site and no console error, every formula typeset by
-    the vendored MathJax (no raw TeX left in the visible text), every image decoded."""
+    the vendored MathJax (no raw TeX left in the visible text), every image decoded, and a full-page
+    screenshot that is not blank."""
     shots = _shots()
     problems = []
     typeset_total = 0
@@ -270,6 +274,10 @@ def test_every_docs_page_renders_offline(browser, docs_site: str) -> None:
         if raw or broken or p.errors or p.external or typeset < n_math:
             problems.append(f"{name}: raw TeX {raw[:5]}, broken images {broken}, console errors {p.errors[:3]}, "
                             f"requests off the site {p.external[:3]}, {typeset}/{n_math} formulas typeset")
+        png = p.page.screenshot()  # the first screen; the whole page under $CAPTUM_NORMGRAD_SCREENSHOTS
+        shot = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
+        if shot.shape[0] < 500 or shot.std() < 10:
+            problems.append(f"{name}: the screenshot is blank or tiny ({shot.shape}, std {shot.std():.1f})")
         if os.environ.get("CAPTUM_NORMGRAD_SCREENSHOTS"):
             shots.mkdir(parents=True, exist_ok=True)
             p.page.screenshot(path=str(shots / (name.replace("/", "_") + ".png")), full_page=True)
