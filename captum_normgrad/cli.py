@@ -310,7 +310,7 @@ def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """``captum-normgrad report RUN_FOLDER``: a browsable HTML report of an explain run."""
     p = sub.add_parser(
         "report",
-        help="browsable, self-contained HTML report of an explain run (sort, filter, compare methods)",
+        help="browsable, self-contained HTML report of an explain or runner run (sort, filter, compare methods)",
         description=(
             "Write a static HTML report of the --out folder of `captum-normgrad explain` (or the output\n"
             "folder of `captum-normgrad run`): every image x method x layer overlaid on the original\n"
