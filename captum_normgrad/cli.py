@@ -120,19 +120,22 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
 # --------------------------------------------------------------------------- explain
 
 
+def _note(text: str) -> None:
+    """A one-line note on stderr (not an error)."""
+    print(f"{PROG}: note: {text}", file=sys.stderr)
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     # Cheap checks first (no torch import): missing files fail in a blink.
     from .io import find_images
 
     items = find_images(args.images, recursive=not args.no_recursive)
 
-    from .explain import METHODS, explain_files, resolve_device
-    from .io import CLIInputError, get_layer, load_model
+    from .explain import explain_method_names, explain_files, resolve_device
+    from .io import get_layer, load_model
 
-    methods = [m for v in (args.method or ["normgrad"]) for m in _comma_list(v)]
-    for m in methods:
-        if m not in METHODS:
-            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    methods = explain_method_names([m for v in (args.method or ["normgrad"]) for m in _comma_list(v)],
+                                   note=None if args.quiet else _note)
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
     device = resolve_device(args.device)
@@ -164,9 +167,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``captum-normgrad explain``: saliency maps for image files with any classification model."""
-    from .explain import METHODS
+    from .registry import ALIASES, METHODS
 
-    method_help = "".join(f"  {m.name:<20} {m.summary}\n" for m in METHODS.values())
+    method_help = "".join(f"  {m.name:<28} {m.summary}\n" for m in METHODS.values() if not m.per_channel)
+    method_help += "  (deprecated names: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()) + ")\n"
     p = sub.add_parser(
         "explain",
         help="saliency maps for image files or folders with any torchvision (or your own) model",

@@ -2,9 +2,9 @@ r"""Explain image files with a classification model: the engine behind ``captum-
 
 Two parts:
 
-* :data:`METHODS`, a registry of the saliency methods the command line offers, each a function
-  ``(model, layers, inputs, targets, options) -> list of (N, 1, h, w) maps`` (one per layer). It is
-  pure computation (no files, no printing) and can be reused by other front ends.
+* :func:`compute_maps`: the maps of a method of :mod:`captum_normgrad.registry` (the one place
+  where method names get their meaning) at several layers, as ``(N, 1, h, w)`` tensors. It is
+  pure computation (no files, no printing).
 * :func:`explain_files`, which loads images in batches, computes every method at every layer and
   writes overlaid PNGs and raw ``.npy`` / ``.pt`` maps plus an ``index.json``.
 
@@ -14,7 +14,7 @@ Examples::
     >>> loaded = load_model("resnet18", image_size=64)
     >>> report = explain_files(find_images(["photos/"]), loaded,
     ...                        {"layer3": get_layer(loaded.model, "layer3")},
-    ...                        ["normgrad", "gradcam"], out="explanations")
+    ...                        ["normgrad", "gradcam_relu"], out="explanations")
     >>> report.n_images
     12
 """
@@ -32,99 +32,66 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that `captum-normgra
     from torch import Tensor, nn
 
 from .io import CLIInputError, ImageItem, LoadedModel, load_image, save_map, save_overlay
+from .registry import METHODS as REGISTRY_METHODS
+from .registry import MethodEntry, get_method
 
-__all__ = ["MethodSpec", "METHODS", "method_names", "compute_maps", "resolve_device", "ExplainReport", "explain_files"]
+__all__ = ["MethodSpec", "METHODS", "method_names", "explain_method_names", "compute_maps", "resolve_device", "ExplainReport", "explain_files"]
 
-ComputeFn = Callable[["nn.Module", List["nn.Module"], "Tensor", "Tensor", Dict[str, Any]], List["Tensor"]]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A saliency method offered by name.
-
-    Attributes:
-        name (str): the name used on the command line.
-        summary (str): one line for ``--help``.
-        compute (Callable): ``(model, layers, inputs, targets, options) -> maps``, one
-                    ``(N, 1, *locations)`` map per layer.
-    """
-
-    name: str
-    summary: str
-    compute: ComputeFn
-
-
-def _order0(default_vl: str, default_agg: str) -> ComputeFn:
-    def compute(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
-        from .normgrad import LayerNormGrad
-
-        out = LayerNormGrad(model, list(layers)).attribute(
-            x,
-            target=t,
-            virtual_layer=opts.get("virtual_layer") or default_vl,
-            aggregation=opts.get("aggregation") or default_agg,
-        )
-        return list(out)
-
-    return compute
-
-
-def _order1(adversarial: bool, default_hessian: str) -> ComputeFn:
-    def compute(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
-        try:
-            from .normgrad_order1 import LayerNormGradOrder1
-        except ImportError:
-            raise CLIInputError(
-                "the order-1 methods need captum_normgrad.normgrad_order1, which this installation lacks"
-            ) from None
-        kwargs: Dict[str, Any] = {"adversarial": adversarial, "hessian": opts.get("hessian") or default_hessian}
-        for key in ("epsilon", "virtual_layer", "aggregation"):
-            if opts.get(key) is not None:
-                kwargs[key] = opts[key]
-        return list(LayerNormGradOrder1(model, list(layers)).attribute(x, target=t, **kwargs))
-
-    return compute
-
-
-def _gradcam(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
-    from captum.attr import LayerGradCam
-
-    return [LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True) for layer in layers]
-
-
-def _gradxact(model: nn.Module, layers: List[nn.Module], x: Tensor, t: Tensor, opts: Dict[str, Any]) -> List[Tensor]:
-    from torch import Tensor
-    from captum.attr import LayerGradientXActivation
-
-    maps = []
-    for layer in layers:
-        a = LayerGradientXActivation(model, layer).attribute(x, target=t)
-        maps.append(a.sum(1, keepdim=True) if isinstance(a, Tensor) else a)
-    return maps
-
-
-METHODS: Dict[str, MethodSpec] = {
-    m.name: m
-    for m in [
-        MethodSpec("normgrad", "NormGrad order 0: ||x_u|| * ||g_u|| (1x1 identity trick)", _order0("conv1x1", "norm")),
-        MethodSpec("normgrad-selective", "NormGrad selective: scaling virtual layer, filter_norm aggregation",
-                   _order0("scaling", "filter_norm")),
-        MethodSpec("normgrad1", "NormGrad order 1: training-specific map after one inner SGD step",
-                   _order1(False, "finite_difference")),
-        MethodSpec("normgrad1-adv", "NormGrad order 1, adversarial step: locations that degrade the model",
-                   _order1(True, "finite_difference")),
-        MethodSpec("normgrad1-lookahead", "order 0 on the weights after one SGD step (no Hessian term)",
-                   _order1(False, "none")),
-        MethodSpec("gradcam", "Grad-CAM (captum LayerGradCam, ReLU applied)", _gradcam),
-        MethodSpec("gradxact", "gradient x activation summed over channels (captum LayerGradientXActivation)",
-                   _gradxact),
-    ]
-}
+#: The registry's methods (:data:`captum_normgrad.registry.METHODS`): ``explain`` defines none of its own.
+METHODS: Dict[str, MethodEntry] = REGISTRY_METHODS
+#: Deprecated name of :class:`captum_normgrad.registry.MethodEntry` (kept one release).
+MethodSpec = MethodEntry
 
 
 def method_names() -> List[str]:
-    """The names in :data:`METHODS`, in registry order."""
-    return list(METHODS)
+    """The names ``explain`` accepts, in registry order (one-channel maps; see :func:`compute_maps`)."""
+    return [n for n, e in METHODS.items() if not e.per_channel]
+
+
+def _explain_entry(method: str) -> MethodEntry:
+    """The registry entry of ``method`` if ``explain`` can write its maps (one channel per location)."""
+    try:
+        entry = get_method(method)
+    except ValueError as e:
+        raise CLIInputError(str(e)) from None
+    if entry.per_channel:
+        summed = [n for n in METHODS if n.startswith(entry.name + "_") and not METHODS[n].per_channel]
+        fix = f"use {summed[0]!r}" if summed else "choose a one-channel method"
+        raise CLIInputError(
+            f"method {entry.name!r} gives one map per channel of the layer ({entry.formula}); explain writes one "
+            f"map per layer: {fix}"
+        )
+    return entry
+
+
+def explain_method_names(names: Sequence[str], note: Optional[Callable[[str], None]] = None) -> List[str]:
+    r"""Validate method names for ``explain`` and map deprecated aliases to registry names.
+
+    Args:
+        names (sequence of str): names or deprecated aliases.
+        note (callable, optional): called with a one-line text for each deprecated alias (the
+                    command line prints it); when None, a :class:`FutureWarning` is issued. Default: None
+
+    Returns:
+        list[str]: registry names, in the order given.
+
+    Raises:
+        CLIInputError: unknown name, or a method with one map per channel.
+    """
+    import warnings
+
+    from .registry import ALIASES
+
+    out = []
+    for n in names:
+        if n in ALIASES and note is not None:
+            note(f"method name {n!r} is deprecated: use {ALIASES[n]!r}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                out.append(_explain_entry(n).name)
+        else:
+            out.append(_explain_entry(n).name)
+    return out
 
 
 def compute_maps(
@@ -138,13 +105,15 @@ def compute_maps(
     r"""Maps of one registered method at several layers.
 
     Args:
-        method (str): a name in :data:`METHODS`.
+        method (str): a name in :data:`captum_normgrad.registry.METHODS` with one-channel maps.
         model (nn.Module): the model (not modified).
         layers (sequence of nn.Module): layers of ``model``.
         inputs (Tensor): ``(N, C, H, W)`` preprocessed inputs.
         targets (Tensor): ``(N,)`` class indices.
-        options (dict, optional): ``virtual_layer``, ``aggregation`` (NormGrad methods),
-                    ``epsilon``, ``hessian`` (order-1 methods). Default: None
+        options (dict, optional): ``attribute()`` options; those the method does not take
+                    (:attr:`MethodEntry.options <captum_normgrad.registry.MethodEntry.options>`) and
+                    ``None`` values are ignored, so one set of command-line options serves every
+                    method (e.g. ``epsilon`` only reaches the order-1 methods). Default: None
 
     Returns:
         list[Tensor]: one detached ``(N, 1, h, w)`` map per layer.
@@ -152,14 +121,14 @@ def compute_maps(
     Raises:
         CLIInputError: unknown method, or a layer whose output has no spatial locations.
     """
-    if method not in METHODS:
-        raise CLIInputError(f"unknown method {method!r}; choose among {', '.join(METHODS)}")
-    maps = METHODS[method].compute(model, list(layers), inputs, targets, dict(options or {}))
+    entry = _explain_entry(method)
+    opts = {k: v for k, v in (options or {}).items() if k in entry.options and v is not None}
+    maps = entry.build(model, list(layers)).attribute(inputs, target=targets, **opts)
     out = []
     for m in maps:
-        if isinstance(m, tuple):
+        if isinstance(m, (tuple, list)):
             raise CLIInputError(f"{method}: a layer returns several tensors; choose a layer with a single output")
-        if m.dim() != 4:
+        if m.dim() != 4 or m.shape[1] != 1:
             raise CLIInputError(
                 f"{method} gives maps of shape {tuple(m.shape)}: choose a layer whose output is an image-like "
                 "(N, C, H, W) tensor (e.g. a convolutional block, not the classifier)"
@@ -275,9 +244,7 @@ def explain_files(
     bad = [f for f in formats if f not in ("png", "npy", "pt")]
     if bad or not formats:
         raise CLIInputError(f"unknown output format(s) {bad or formats}: choose among png, npy, pt")
-    for m in methods:
-        if m not in METHODS:
-            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    methods = explain_method_names(methods)  # deprecated aliases warn once, here
     dev = resolve_device(device) if isinstance(device, str) else device
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,13 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..io import IMAGE_EXTENSIONS, get_layer, import_callable, load_state_dict_file
+from ..registry import METHODS, MethodEntry, method_from_spec
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
 
 __all__ = [
@@ -300,66 +301,41 @@ def model_fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------
-# name -> (class spec, default attribute() kwargs, default constructor kwargs)
-BUILTIN_METHODS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
-    "normgrad": ("captum_normgrad.normgrad:LayerNormGrad", {}, {}),
-    "normgrad_selective": (
-        "captum_normgrad.normgrad:LayerNormGrad",
-        {"virtual_layer": "scaling", "aggregation": "filter_norm"},
-        {},
-    ),
-    "normgrad_weights": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "weights"}, {}),
-    "gradxact_sum": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "scaling", "aggregation": "sum"}, {}),
-    "normgrad_order1": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {}, {}),
-    "normgrad_order1_adversarial": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {"adversarial": True}, {}),
-    "gradcam": ("captum.attr:LayerGradCam", {}, {}),
-    "gradxact": ("captum.attr:LayerGradientXActivation", {}, {}),
-}
-_MULTI_LAYER_PREFIX = "captum_normgrad."
+#: The registry's methods (:data:`captum_normgrad.registry.METHODS`): the runner defines none of its own.
+BUILTIN_METHODS: Mapping[str, MethodEntry] = METHODS
 
 
 class MethodRunner:
-    """One configured attribution method over its layers: ``maps(x, target) -> {key: (N, ...)}``."""
+    """One configured attribution method over its layers: ``maps(x, target) -> {key: (N, ...)}``.
+
+    ``spec.method`` is a name of :mod:`captum_normgrad.registry` (its meaning is defined there
+    only) or ``"package.module:Class"`` for any Captum layer attribution class.
+    """
 
     def __init__(self, spec: MethodSpec, model: nn.Module, layer_names: Sequence[str], base_dir: str = ".") -> None:
         self.spec = spec
         self.name = str(spec.name)
         self.layer_names = list(layer_names)
-        if spec.method in BUILTIN_METHODS:
-            cls_spec, kw, init_kw = BUILTIN_METHODS[spec.method]
-        elif ":" in spec.method:
-            cls_spec, kw, init_kw = spec.method, {}, {}
-        else:
-            raise ValueError(
-                f"unknown method {spec.method!r}; choose one of {', '.join(map(repr, BUILTIN_METHODS))} "
-                "or give 'package.module:Class' for any Captum layer attribution"
-            )
         try:
-            cls = import_callable(cls_spec, base_dir)
+            entry = method_from_spec(spec.method)
         except ValueError as e:
-            raise ValueError(f"method {spec.method!r} is not available in this install: {e}") from e
-        self.kwargs = {**kw, **spec.kwargs}
-        init_kwargs = {**init_kw, **spec.init_kwargs}
+            raise ValueError(f"{e} (or give 'package.module:Class' for any Captum layer attribution)") from None
+        # a user's class is imported like a factory (relative files from the config's folder)
+        cls = import_callable(spec.method, base_dir) if spec.method not in METHODS and ":" in spec.method else None
         layers = resolve_layers(model, self.layer_names)
-        self.multi = cls_spec.startswith(_MULTI_LAYER_PREFIX)
-        if self.multi:
-            self.attrs = [cls(model, layers, **init_kwargs)]
-        else:
-            self.attrs = [cls(model, layer, **init_kwargs) for layer in layers]
+        self._bound = entry.build(model, layers, spec.init_kwargs, cls=cls)
+        self.entry = entry
+        self.multi = entry.multi_layer
+        self.kwargs = dict(spec.kwargs)
 
     def maps(self, x: Tensor, target: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        if self.multi:
-            res = self.attrs[0].attribute(x, target=target, **self.kwargs)
-            per_layer = list(res)
-        else:
-            per_layer = [a.attribute(x, target=target, **self.kwargs) for a in self.attrs]
-        for name, r in zip(self.layer_names, per_layer):
+        for name, r in zip(self.layer_names, self._bound.attribute(x, target=target, **self.kwargs)):
             if isinstance(r, Tensor):
-                out[f"maps/{self.name}/{name}"] = r.detach()
+                out[f"maps/{self.name}/{name}"] = r
             else:
                 for i, t in enumerate(r):
-                    out[f"maps/{self.name}/{name}/{i}"] = t.detach()
+                    out[f"maps/{self.name}/{name}/{i}"] = t
         return out
 
 
