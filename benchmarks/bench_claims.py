@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from captum_normgrad._layers import get_layers
 from captum_normgrad.registry import MethodEntry, get_method
 from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset, TwoObjectShapesDataset
 from captum_normgrad.metrics import energy_pointing_game, pointing_game, pointing_points
@@ -178,15 +179,12 @@ def compute_maps(
 ) -> Dict[str, Tensor]:
     """``{layer name: (N, 1, h, w) map}`` (channels summed) for every layer, in batches."""
     method = METHODS[key]
-    modules = dict(model.named_modules())
     kw = attribute_kwargs(key, eps)
     out: Dict[str, List[Tensor]] = {n: [] for n in layer_names}
+    bound = method.entry.build(model, get_layers(model, layer_names))
     for start in range(0, x.shape[0], batch):
         xs, ts = x[start : start + batch], target[start : start + batch]
-        if method.multi_layer:
-            res = method.build(model, [modules[n] for n in layer_names]).attribute(xs, target=ts, **kw)
-        else:
-            res = [method.build(model, modules[n]).attribute(xs, target=ts, **kw) for n in layer_names]
+        res = bound.attribute(xs, target=ts, **kw)
         for n, m in zip(layer_names, res):
             out[n].append(reduce_map_channels(m.detach().float(), "sum"))
     return {n: torch.cat(v) for n, v in out.items()}

@@ -36,6 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
+from captum_normgrad._layers import get_layer  # noqa: E402
+
 STEM = "bench_speed"
 
 # the explained point: a 3x3 convolution in the second half of each network
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     bar = tqdm(total=total, desc=STEM, unit="round", disable=args.no_progress)
     for name in args.models:
         model = _timing.torchvision_model(name, device=dev)
-        layer = dict(model.named_modules())[LAYERS[name]]
+        layer = get_layer(model, LAYERS[name])
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.rand(batch, 3, args.size, args.size, generator=gen).to(dev)

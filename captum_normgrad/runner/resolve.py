@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..io import IMAGE_EXTENSIONS, get_layer, import_callable, load_state_dict_file
+from .._layers import get_layers
+from ..io import IMAGE_EXTENSIONS, import_callable, load_state_dict_file
 from ..registry import METHODS, MethodEntry, method_from_spec
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
 
@@ -282,10 +283,9 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
 
 
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
-    """Modules by their ``named_modules()`` names (``blockN`` aliases for the benchmark models)."""
-    mods = dict(model.named_modules())
-    aliases = {f"block{i + 1}": b for i, b in enumerate(getattr(model, "block_names", None) or [])}
-    return [get_layer(model, n if n in mods else aliases.get(n, n)) for n in names]
+    """Modules by their ``named_modules()`` names (``blockN`` aliases for the benchmark models):
+    :func:`captum_normgrad._layers.get_layers`."""
+    return get_layers(model, names)
 
 
 def model_fingerprint(model: nn.Module) -> str:
