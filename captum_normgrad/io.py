@@ -439,7 +439,9 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, "torch.Tensor"]:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad or foreign file
         # the whole reason, on one line: torch's refusal explains why unpickling was blocked
-        reason = " ".join(str(e).split()) or type(e).__name__
+        import re
+
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__  # no terminal codes
         raise CLIInputError(f"cannot read weights file {str(path)!r} ({reason})") from None
     return _unwrap_state_dict(obj, str(path))
 
@@ -449,8 +451,9 @@ def _short_list(names: Sequence[str], k: int = 4) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
-def _load_weights_into(model: "nn.Module", sd: Mapping[str, "torch.Tensor"], path: str, model_name: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line diagnosis when the file does not fit."""
+def load_weights_into(model: "nn.Module", sd: Mapping[str, "torch.Tensor"], path: str, model_name: str) -> None:
+    """``model.load_state_dict(sd, strict=True)`` with a one-line diagnosis (missing, unexpected and
+    mismatched keys, and the fix) when the state dict does not fit the model."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -480,6 +483,8 @@ def load_model(
     num_classes: Optional[int] = None,
     image_size: Optional[int] = None,
     normalize: bool = True,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    base_dir: Union[str, Path] = ".",
 ) -> LoadedModel:
     r"""Build a classification model by name, with weights and the matching preprocessing.
 
@@ -497,6 +502,14 @@ def load_model(
         image_size (int, optional): input size, overriding the weights' preprocessing sizes.
                     Default: None
         normalize (bool, optional): apply the mean/std normalisation. Default: True
+        model_kwargs (dict, optional): more keyword arguments for the builder (the runner's
+                    ``model.kwargs``). Default: None
+        base_dir (str or Path, optional): folder of relative ``file.py:callable`` and weights
+                    paths (the runner's configuration folder). Default: ``"."``
+
+    This is the package's one model loader: ``explain``, ``layers`` and the runner
+    (``captum_normgrad.runner``) build models through it. A ``module:callable`` imports and
+    runs that code: a model spec is code, to be trusted as such.
 
     Returns:
         LoadedModel: the model in eval mode and its preprocessing (the weights' own
@@ -509,7 +522,9 @@ def load_model(
     """
     from torch import nn
 
-    kwargs: Dict[str, Any] = {}
+    kwargs: Dict[str, Any] = dict(model_kwargs or {})
+    if weights is not None and not Path(weights).is_absolute() and (Path(base_dir) / weights).is_file():
+        weights = str(Path(base_dir) / weights)
     if num_classes is not None:
         if int(num_classes) < 1:
             raise CLIInputError(f"--num-classes must be at least 1, got {num_classes}")
@@ -520,7 +535,7 @@ def load_model(
     pre_weights = None  # whose transforms() preprocess the images
 
     if ":" in spec:
-        builder = import_callable(spec)
+        builder = import_callable(spec, base_dir)
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(
@@ -562,7 +577,7 @@ def load_model(
                     f"--num-classes {kwargs['num_classes']} does not match weights {tv_weights.name} ({n_cat} classes)"
                 )
             try:
-                model = get_model(spec, weights=tv_weights)
+                model = get_model(spec, weights=tv_weights, **kwargs)
             except Exception as e:  # no network, corrupt cache, ...
                 reason = " ".join(str(e).split()) or type(e).__name__
                 raise CLIInputError(
@@ -582,7 +597,7 @@ def load_model(
     if not isinstance(model, nn.Module):
         raise CLIInputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights_path is not None:
-        _load_weights_into(model, load_state_dict_file(weights_path), weights_path, spec)
+        load_weights_into(model, load_state_dict_file(weights_path), weights_path, spec)
     transform, mean, std = make_preprocess(pre_weights, image_size, normalize)
     if tv_weights is not None:
         desc = f"{spec} (torchvision weights {tv_weights.name})"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._layers import get_layers
-from ..io import IMAGE_EXTENSIONS, import_callable, load_state_dict_file
+from ..io import IMAGE_EXTENSIONS, import_callable, load_image, load_model, load_state_dict_file, load_weights_into
 from ..registry import METHODS, MethodEntry, method_from_spec
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
 
@@ -91,14 +91,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self.samples[i][0].relative_to(self.root).as_posix()
 
     def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        from PIL import Image
+        import numpy as np
 
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            x = self.transform(im) if self.transform is not None else torch.from_numpy(
-                __import__("numpy").asarray(im).copy()
-            ).permute(2, 0, 1).float() / 255.0
+        im = load_image(path)  # every PIL mode read faithfully (16-bit, palette, alpha, ...) or refused
+        x = self.transform(im) if self.transform is not None else torch.from_numpy(
+            np.asarray(im).copy()
+        ).permute(2, 0, 1).float() / 255.0
         return x, label
 
 
@@ -249,17 +248,10 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
     """The model of ``cfg.model`` in eval mode (on the CPU; the runner moves it)."""
     spec: ModelSpec = cfg.model
     if spec.source == "torchvision":
-        import torchvision
-
-        try:
-            model = torchvision.models.get_model(spec.name, weights=spec.weights, **spec.kwargs)
-        except ValueError as e:
-            raise ValueError(f"torchvision model {spec.name!r} with weights={spec.weights!r}: {e}") from e
-        except (OSError, RuntimeError) as e:  # weights download impossible offline
-            raise ValueError(
-                f"could not load torchvision weights {spec.weights!r} for {spec.name!r} ({e}); put them in the torch "
-                "hub cache, give checkpoint = 'file', or drop weights for a random initialisation"
-            ) from e
+        weights = spec.weights
+        if weights is not None and weights.lower() in ("none", "random"):
+            weights = None
+        model = load_model(spec.name or "", weights=weights, model_kwargs=spec.kwargs, base_dir=cfg.base_dir).model
     elif spec.source == "benchmark":
         from captum_normgrad.models import load_benchmark_model
 
@@ -271,14 +263,18 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
             w = str(cfg.resolve_path(w))
         model = load_benchmark_model(spec.name, weights=w, **spec.kwargs)
     else:
-        model = import_callable(spec.factory or "", cfg.base_dir)(**spec.kwargs)
+        if ":" not in (spec.factory or ""):
+            raise ValueError(
+                f"model.factory {spec.factory!r} must be 'package.module:callable' or 'path/to/file.py:callable'"
+            )
+        model = load_model(spec.factory or "", model_kwargs=spec.kwargs, base_dir=cfg.base_dir).model
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model factory returned a {type(model).__name__}, expected a torch.nn.Module")
     if spec.checkpoint:
         path = cfg.resolve_path(spec.checkpoint)
         if not path.is_file():
             raise ValueError(f"model checkpoint {str(path)!r} not found")
-        model.load_state_dict(load_state_dict_file(path))
+        load_weights_into(model, load_state_dict_file(path), str(path), spec.name or spec.factory or "the model")
     return model.eval()
 
 
