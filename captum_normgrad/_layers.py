@@ -152,7 +152,8 @@ def suggest_layers(model: "nn.Module", image_size: int = 224, max_layers: int = 
     ends at the last such module before the grid shrinks, and at the last one overall; among
     modules ending at the same point the coarsest is chosen (``layer3`` rather than
     ``layer3.1.relu``). A model of constant grid (a vision transformer) gets evenly spaced blocks
-    of its longest sequence of blocks instead. The last ``max_layers`` stage ends are returned,
+    of its longest sequence of blocks instead, the last block excluded (its patch tokens do not
+    reach a head that reads the class token: their maps would be zero). The last ``max_layers`` stage ends are returned,
     shallow to deep.
 
     Args:
@@ -268,6 +269,9 @@ def _evenly_spaced_blocks(model: "nn.Module", candidates: List[str], k: int) -> 
             kids = [c for c in kids if c in candidates]
             if len(kids) > len(best):
                 best = kids
+    # the last block's output tokens reach the head only through the class token (ViT reads x[:, 0]):
+    # their gradient is zero, so the last block is left out
+    best = best[:-1]
     if len(best) < 2:
         return []
     n = len(best)

@@ -413,6 +413,7 @@ def explain_files(
     fixed_target: Optional[int] = None
     target_checked = False
     layouts: Optional[List[Tuple[str, Tuple[int, int]]]] = None
+    zero_noted: set = set()
     order1 = [m for m in methods if METHODS[m].order == 1]
     if order1 and len(items) > batch_size:
         note(
@@ -456,6 +457,17 @@ def explain_files(
             maps = {method: [m.cpu() for m in compute_maps(method, model, layer_mods, x, tgt, options, layouts)]
                     for method in methods}
             display = loaded.to_display(x.detach().cpu())
+            for method in methods:
+                for lname, m in zip(layer_names, maps[method]):
+                    dead = [it.name for i, it in enumerate(batch) if not m[i].any()]
+                    if dead and (method, lname) not in zero_noted:
+                        zero_noted.add((method, lname))
+                        note(
+                            f"{method} at {lname} is zero everywhere for {', '.join(dead[:3])}"
+                            f"{' ...' if len(dead) > 3 else ''}: the target's gradient vanishes there (an untrained "
+                            "or zero-initialised classifier head, e.g. torchvision's random-init ViT, or dead ReLUs); "
+                            "such maps carry no information"
+                        )
             for i, it in enumerate(batch):
                 row: Dict[str, Any] = {
                     "image": str(it.path),
