@@ -196,17 +196,17 @@ METHODS: Dict[str, MethodEntry] = {
         ),
         MethodEntry(
             "normgrad_order1", "NormGrad order 1: training-specific map after one inner SGD step",
-            "order 0 at theta - eps * grad L (finite-difference Hessian-vector product), eps = 5e-4",
+            "per-location norms of d/dtheta L(theta - eps * grad L(theta)): post-step gradient minus eps * Hessian-vector term (finite differences), eps = 5e-4",
             _ORDER1, {}, _ORDER1_OPTIONS, multi_layer=True, order=1, label="Order 1",
         ),
         MethodEntry(
             "normgrad_order1_adversarial", "NormGrad order 1, adversarial step: locations that degrade the model",
-            "order 0 at theta + eps * grad L (adversarial inner step, finite-difference Hessian term)",
+            "as normgrad_order1 with the ascent step theta + eps * grad L(theta) (adversarial)",
             _ORDER1, {"adversarial": True}, _ORDER1_OPTIONS, multi_layer=True, order=1, label="Order 1 adv.",
         ),
         MethodEntry(
             "normgrad_lookahead", "order 0 on the weights after one SGD step (order 1 without the Hessian term)",
-            "order 1 with hessian='none': the order-0 map after the inner step, no second-order term",
+            "order-0 map of the post-step gradient grad L(theta - eps * grad L(theta)) only (hessian='none': no Hessian term)",
             _ORDER1, {"hessian": "none"}, _ORDER1_OPTIONS, multi_layer=True, order=1, label="Lookahead",
         ),
         MethodEntry(
