@@ -60,7 +60,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -442,7 +442,7 @@ def markdown(payload: Dict[str, Any], figures: Dict[str, List[str]]) -> str:
         if "pointing" in r:
             p = r["pointing"]
             L += [f"### {name}: pointing game (%), {p['n_images']} single-object images", "", f"| method | {head} |", sep]
-            L.append(f"| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
+            L.append("| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
             for cfg, row in p.items():
                 if isinstance(row, dict):
                     L.append(f"| {_label(cfg)} | " + " | ".join(_pct(row[b]) for b in blocks) + " |")

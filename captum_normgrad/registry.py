@@ -18,8 +18,8 @@ Examples::
 
     >>> from captum_normgrad.registry import get_method
     >>> entry = get_method("normgrad_selective")
-    >>> entry.formula
-    '||max(x_u * dy/dx_u, 0)|| per location u (scaling virtual layer, filter_norm aggregation)'
+    >>> entry.defaults
+    {'virtual_layer': 'scaling', 'aggregation': 'filter_norm'}
     >>> maps = entry.build(model, [model.layer2, model.layer3]).attribute(x, target=y)
 """
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `captum-normgrad --help` stays fast
-    from torch import Tensor, nn
+    from torch import nn
 
 __all__ = [
     "MethodEntry",

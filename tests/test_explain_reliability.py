@@ -12,7 +12,7 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
 import numpy as np
 import pytest

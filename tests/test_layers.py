@@ -5,9 +5,8 @@ References are independent: hooks and ``torch.autograd.grad`` written here, not 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import numpy as np

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
