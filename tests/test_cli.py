@@ -492,3 +492,20 @@ def test_get_layer_dotted_names() -> None:
     assert get_layer(net, "0.1") is net[0][1]
     with pytest.raises(CLIInputError, match=r"valid names: 0, 0\.0, 0\.1"):
         get_layer(net, "0.2")
+
+
+def test_deprecated_method_names_still_work_with_a_note(capsys, workspace, tmp_path) -> None:
+    imgs, weights = workspace
+    out = tmp_path / "o"
+    args = ["explain", str(imgs / "img0.png"), "--model", "resnet18", "--weights", str(weights), "--num-classes",
+            str(NUM_CLASSES), "--image-size", "32", "--layer", "layer4", "--target", "0", "--save", "npy", "--out", str(out)]
+    assert cli.main(args + ["--method", "normgrad-selective"]) == 0
+    err = capsys.readouterr().err
+    assert "method name 'normgrad-selective' is deprecated: use 'normgrad_selective'" in err
+    old = np.load(out / "img0__normgrad_selective__layer4.npy")  # outputs carry the registry name
+    assert cli.main(args + ["--method", "normgrad_selective", "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(out / "img0__normgrad_selective__layer4.npy"), old)
+    line = _err(capsys, args + ["--method", "gradxact"])
+    assert "one map per channel" in line and "use 'gradxact_sum'" in line
+    line = _err(capsys, args[:-6] + ["--layer", "auto,layer3", "--out", str(out)])
+    assert "--layer auto picks every layer itself" in line
