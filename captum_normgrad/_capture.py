@@ -29,6 +29,9 @@ from captum._utils.common import (
 )
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from . import _targets
 
 __all__ = ["LayerCapture", "capture", "owning_module", "preserve_module_state", "check_inputs", "select_objective"]
 
@@ -89,27 +92,67 @@ def check_layers_in_model(forward_func: Callable[..., Any], layers: Sequence[Mod
 
 @contextmanager
 def preserve_module_state(model: Optional[Module]) -> Iterator[None]:
-    """Restore buffers (running statistics) that a forward pass in training mode may update."""
-    if model is None or not any(m.training for m in model.modules()):
-        yield
-        return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Restore buffers (running statistics) that a forward pass in training mode may update.
+
+    Every module that runs in training mode during the block has its buffers saved before its
+    first call (a global forward pre-hook, removed on exit) and restored afterwards, whatever the
+    forward function is (the model itself, a bound method, a lambda or a wrapper around it).
+    ``model``, when known, is snapshotted up front as well.
+    """
+    saved: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    def snapshot(module: Module, recurse: bool) -> None:
+        for b in module.buffers(recurse=recurse):
+            if id(b) not in saved:
+                saved[id(b)] = (b, b.detach().clone())
+
+    if model is not None and any(m.training for m in model.modules()):
+        snapshot(model, True)
+
+    def pre_hook(module: Module, inp: Any) -> None:
+        if module.training:
+            snapshot(module, False)
+
+    handle = register_module_forward_pre_hook(pre_hook)
     try:
         yield
     finally:
+        handle.remove()
         with torch.no_grad():
-            for b, v in saved:
+            for b, v in saved.values():
                 if b.shape == v.shape:
                     b.copy_(v)
 
 
 def check_inputs(inputs: Tuple[Any, ...]) -> None:
-    """Reject inputs that are not tensors and floating-point inputs with NaN or Inf."""
+    """Reject what gradients cannot explain, each with the fix.
+
+    Non-tensors, empty batches, tensors on the ``meta`` device (no data), complex tensors and
+    floating-point inputs with NaN or Inf.
+    """
     for i, t in enumerate(inputs):
         if not isinstance(t, Tensor):
             raise TypeError(
                 f"inputs[{i}] is a {type(t).__name__}, not a torch.Tensor; pass a tensor or a tuple of "
                 "tensors (non-tensor arguments go in additional_forward_args)"
+            )
+        if t.is_meta:
+            raise ValueError(
+                f"inputs[{i}] is on the 'meta' device (a shape without data); attributions need real "
+                "values: create the input on 'cpu' or 'cuda'"
+            )
+        if t.is_complex():
+            raise TypeError(
+                f"inputs[{i}] is complex ({t.dtype}); attributions are defined for real inputs: pass "
+                "the real and imaginary parts as separate real channels (torch.view_as_real)"
+            )
+        if t.dim() == 0:
+            raise ValueError(
+                f"inputs[{i}] is a 0-dim tensor; inputs need a batch dim 0 (use x.unsqueeze(0) for one example)"
+            )
+        if t.shape[0] == 0:
+            raise ValueError(
+                f"inputs[{i}] has an empty batch (shape {tuple(t.shape)}); pass at least one example"
             )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(
@@ -120,96 +163,31 @@ def check_inputs(inputs: Tuple[Any, ...]) -> None:
 
 def _check_target(output: Tensor, target: Any) -> None:
     """Clear errors for targets that Captum would reject deep inside torch (or silently accept)."""
-    n = output.shape[0]
-    per_sample = output[0].numel() if n > 0 else 0
-    if target is None:
-        if per_sample != 1:
-            raise ValueError(
-                f"target is required: the model returns {per_sample} values per example "
-                f"(output shape {tuple(output.shape)}); pass target=<class index>, a list/tensor of "
-                "one index per example, or a tuple index for outputs with more than 2 dims"
-            )
-        return
-    if output.dim() < 2:
-        raise ValueError(
-            f"target={target!r} given but the model returns one value per example "
-            f"(output shape {tuple(output.shape)}); use target=None"
-        )
-
-    def check_index(idx: Any, where: str) -> None:
-        idx_t = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx_t) > output.dim() - 1:
-            raise ValueError(
-                f"target{where} {idx!r} has {len(idx_t)} indices but the output "
-                f"{tuple(output.shape)} has only {output.dim() - 1} dims per example"
-            )
-        for d, v in enumerate(idx_t):
-            if isinstance(v, Tensor):
-                v = v.item()
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"target{where} must contain integers, got {v!r} of type {type(v).__name__}")
-            size = output.shape[1 + d]
-            if not 0 <= v < size:
-                raise ValueError(
-                    f"target{where} index {v} is out of range for output dim {1 + d} of size {size} "
-                    f"(output shape {tuple(output.shape)}); valid indices are 0..{size - 1}"
-                )
-
-    if isinstance(target, Tensor):
-        if target.is_floating_point():
-            raise TypeError(f"a target tensor must hold integer class indices, got dtype {target.dtype}")
-        if target.numel() == 1:
-            check_index(int(target.item()), "")
-        elif target.dim() == 1 and target.numel() == n:
-            for i, v in enumerate(target.tolist()):
-                check_index(int(v), f"[{i}]")
-        else:
-            raise ValueError(
-                f"a target tensor must have 1 element or one per example ({n}); got shape "
-                f"{tuple(target.shape)}"
-            )
-    elif isinstance(target, list):
-        if len(target) != n:
-            raise ValueError(f"target list has {len(target)} entries but the batch has {n} examples")
-        for i, v in enumerate(target):
-            check_index(v, f"[{i}]")
-    elif isinstance(target, (int, tuple)) and not isinstance(target, bool):
-        check_index(target, "")
-    else:
-        raise TypeError(
-            f"target must be None, an int, a tuple, a list or a tensor (Captum's target forms), got "
-            f"{type(target).__name__}"
-        )
+    _targets.check_target(output.shape, target)
 
 
 def _loss_target(output: Tensor, target: Any) -> Any:
     """The target handed to ``loss_fn``: Captum's class-index forms become an ``(N,)`` tensor.
 
-    An int or a one-element integer tensor applies to every example (Captum semantics), and a list
-    of ints or a 1-D integer tensor has one index per example; all are range-checked against the
-    output and given to the loss as a ``(N,)`` long tensor on the output's device, so that e.g.
-    ``nn.CrossEntropyLoss(reduction="none")`` accepts every Captum target form. Any other target
-    (soft labels, regression values, outputs with more than 2 dims) is passed unchanged.
+    An int, a 1-tuple or a one-element integer tensor applies to every example (Captum semantics),
+    and a list of ints or a 1-D integer tensor has one index per example; all are range-checked
+    against the output (negative indices count from the end) and given to the loss as a ``(N,)``
+    long tensor on the output's device, so that e.g. ``nn.CrossEntropyLoss(reduction="none")``
+    accepts every Captum target form. Any other target (soft labels, regression values, outputs
+    with more than 2 dims) is passed unchanged.
     """
-    n = output.shape[0]
-    if isinstance(target, bool) or output.dim() != 2:
-        return target
-    if isinstance(target, tuple) and len(target) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
-        _check_target(output, target)  # a 1-tuple is the only valid index of a 2-D output
-        target = target[0]
-    if isinstance(target, int):
-        _check_target(output, target)
-        return torch.full((n,), target, dtype=torch.long, device=output.device)
-    if isinstance(target, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
-        _check_target(output, target)
-        return torch.tensor(target, dtype=torch.long, device=output.device)
-    if isinstance(target, Tensor) and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
-        if target.numel() == 1:
-            _check_target(output, target)
-            return target.reshape(1).expand(n).to(device=output.device, dtype=torch.long)
-        if target.dim() == 1:
-            _check_target(output, target)
-            return target.to(output.device)
+    if isinstance(target, Tensor) and target.dtype == torch.bool:
+        raise TypeError(
+            "a target tensor must hold integer class indices, got dtype torch.bool (a mask?); convert "
+            "with target.long() if you mean the indices 0/1"
+        )
+    index_form = isinstance(target, (int, tuple, list)) or (
+        isinstance(target, Tensor) and not (target.is_floating_point() or target.is_complex())
+    )
+    if index_form and output.dim() >= 2 and not (isinstance(target, list) and target and isinstance(target[0], Tensor)):
+        _targets.check_target(output.shape, target)
+    if output.dim() == 2 and _targets.is_class_index_target(target):
+        return _targets.class_indices(output.shape, target, output.device)
     return target
 
 
@@ -222,8 +200,7 @@ def select_objective(output: Tensor, target: Any, loss_fn: Optional[LossFn]) -> 
     if not isinstance(output, Tensor):
         raise TypeError(f"the forward function must return a tensor, got {type(output).__name__}")
     if loss_fn is None:
-        _check_target(output, target)
-        sel = _select_targets(output, target)
+        sel = _select_targets(output, _targets.normalize_target(output.shape, target))
         if sel.numel() != output.shape[0]:
             raise ValueError(
                 f"target={target!r} selects {sel[0].numel()} values per example from output of shape "
@@ -243,6 +220,166 @@ def select_objective(output: Tensor, target: Any, loss_fn: Optional[LossFn]) -> 
     return losses
 
 
+def resolve_call(model: Optional[Module], layer: Module, n_calls: int, layer_call: Optional[int]) -> int:
+    """The index of the call of ``layer`` to attribute, among ``n_calls`` calls in one forward pass."""
+    name = _layer_name(model, layer)
+    if n_calls == 0:
+        raise ValueError(
+            f"layer {name} was not reached in the forward pass; choose a module that the model's forward() "
+            "actually calls"
+        )
+    if layer_call is None:
+        if n_calls > 1:
+            raise ValueError(
+                f"layer {name} was called {n_calls} times in one forward pass (a module shared by several call "
+                "sites, like the `relu` of a torchvision BasicBlock/Bottleneck). Choose the call to attribute "
+                "with layer_call=<index> (0 = first call, -1 = last call), or hook a module used once (for a "
+                "block's output, the block itself, e.g. model.layer1[0])"
+            )
+        return 0
+    if not -n_calls <= layer_call < n_calls:
+        raise ValueError(
+            f"layer_call={layer_call} but layer {name} is called {n_calls} time(s) per forward pass; use "
+            f"0..{n_calls - 1} (or -{n_calls}..-1)"
+        )
+    return layer_call % n_calls
+
+
+def check_layer_call(layer_call: Optional[int]) -> None:
+    """``layer_call`` must be None or an int."""
+    if layer_call is not None and (not isinstance(layer_call, int) or isinstance(layer_call, bool)):
+        raise TypeError(f"layer_call must be None or an int (0 = first call, -1 = last), got {layer_call!r}")
+
+
+def grad_options(grad_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Keyword arguments for ``torch.autograd.grad``: the caller's, over ``allow_unused=True``."""
+    if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
+        raise TypeError(f"grad_kwargs must be a dict of torch.autograd.grad options, got {type(grad_kwargs).__name__}")
+    reserved = {"outputs", "inputs", "grad_outputs"} & set(grad_kwargs or {})
+    if reserved:
+        raise ValueError(f"grad_kwargs cannot set {sorted(reserved)}: they are chosen by the attribution")
+    return {"allow_unused": True, **(grad_kwargs or {})}
+
+
+class _Recorder:
+    """Forward hooks that record every call of the hooked layers, per device (thread-safe)."""
+
+    def __init__(self, model: Optional[Module], layers: Sequence[Module], wheres: Sequence[str], keep_graph: bool) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.wheres = list(wheres)
+        self.keep_graph = keep_graph
+        self.lock = threading.Lock()
+        # per layer, per device: list over calls of (saved activations, tensors to differentiate)
+        self.calls: List[Dict[torch.device, List[Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]]] = [
+            {} for _ in layers
+        ]
+
+    def _grad_ready(self, t: Any, li: int) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"layer {_layer_name(self.model, self.layers[li])} produced a {type(t).__name__}, not a tensor")
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(
+                f"layer {_layer_name(self.model, self.layers[li])} produced a tensor of dtype {t.dtype}; gradients "
+                "need floating-point activations. Choose a layer after the embedding/cast"
+            )
+        return t if t.requires_grad else t.detach().requires_grad_()
+
+    def _keep(self, t: Tensor) -> Tensor:
+        # with create_graph the map must stay differentiable w.r.t. the parameters
+        return t if self.keep_graph else t.detach()
+
+    def _store(self, li: int, acts: Tuple[Tensor, ...], diff: Tuple[Tensor, ...]) -> None:
+        with self.lock:
+            self.calls[li].setdefault(diff[0].device, []).append((acts, diff))
+
+    def forward_hook(self, li: int, mode: str) -> Callable[..., Any]:
+        def hook(module: Module, inp: Tuple[Any, ...], out: Any) -> Any:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            diff = tuple(self._grad_ready(t, li) for t in outs)
+            if mode == "weights":
+                acts: Tuple[Tensor, ...] = (inp[0].clone() if self.keep_graph else inp[0].detach().clone(),)
+            else:
+                acts = tuple(self._keep(t) for t in diff)
+            self._store(li, acts, diff)
+            # downstream sees clones, so in-place ops after the layer cannot alter saved tensors
+            clones = tuple(t.clone() for t in diff)
+            if isinstance(out, tuple):
+                return clones
+            if isinstance(out, list):
+                return list(clones)
+            return clones[0]
+
+        return hook
+
+    def pre_hook(self, li: int) -> Callable[..., Any]:
+        def hook(module: Module, inp: Tuple[Any, ...]) -> Any:
+            tensors = [t for t in inp if isinstance(t, Tensor)]
+            if not tensors:
+                raise TypeError(f"layer {_layer_name(self.model, self.layers[li])} received no tensor input")
+            diff = tuple(self._grad_ready(t, li) for t in tensors)
+            self._store(li, tuple(self._keep(t) for t in diff), diff)
+            it = iter(t.clone() for t in diff)
+            return tuple(next(it) if isinstance(t, Tensor) else t for t in inp)
+
+        return hook
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = []
+        try:
+            for li, (layer, w) in enumerate(zip(self.layers, self.wheres)):
+                if w == "input":
+                    handles.append(layer.register_forward_pre_hook(self.pre_hook(li)))
+                elif w in ("output", "weights"):
+                    handles.append(layer.register_forward_hook(self.forward_hook(li, w)))
+                else:
+                    raise ValueError(f"unknown capture point {w!r}")
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def selected(
+        self, layer_calls: Sequence[Optional[int]], keys: Sequence[torch.device]
+    ) -> List[List[Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]]:
+        """Per layer, per device (in ``keys`` order): the chosen call's (activations, tensors)."""
+        out = []
+        for li, layer in enumerate(self.layers):
+            per_dev = self.calls[li]
+            n_calls = max((len(v) for v in per_dev.values()), default=0)
+            k = resolve_call(self.model, layer, n_calls, layer_calls[li])
+            out.append([per_dev[d][k] for d in keys])
+        return out
+
+
+def _device_order(keys: List[torch.device], forward_func: Any, device_ids: Optional[List[int]]) -> List[torch.device]:
+    if len(keys) <= 1:
+        return keys
+    if device_ids is None:
+        device_ids = getattr(forward_func, "device_ids", None)
+    if device_ids is None:
+        raise ValueError(
+            "layer tensors were produced on several devices but the device order is unknown; "
+            "pass device_ids=[...] (the DataParallel device ids) to the constructor"
+        )
+    return _sort_key_list(keys, device_ids)
+
+
+def _run_forward(forward_func: Callable[..., Any], inputs_t: Tuple[Any, ...], extra: Any) -> Any:
+    try:
+        return forward_func(*inputs_t, *extra) if extra is not None else forward_func(*inputs_t)
+    except RuntimeError as exc:
+        bad = [i for i, t in enumerate(inputs_t) if isinstance(t, Tensor) and not t.is_floating_point()]
+        if bad:
+            raise TypeError(
+                f"the forward pass failed on integer inputs (inputs{bad} have dtype "
+                f"{inputs_t[bad[0]].dtype}): {exc}. Image models need floating-point inputs: "
+                "convert with x.float() (scaled to the model's expected range)"
+            ) from exc
+        raise
+
+
 def capture(
     forward_func: Callable[..., Any],
     layers: Sequence[Module],
@@ -253,6 +390,7 @@ def capture(
     loss_fn: Optional[LossFn] = None,
     device_ids: Optional[List[int]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
+    layer_call: Union[None, int, Sequence[Optional[int]]] = None,
 ) -> Tuple[List[LayerCapture], Tensor]:
     r"""One forward + one backward pass; activations and gradients at several layers.
 
@@ -267,7 +405,12 @@ def capture(
                     (layer input activations with layer *output* gradients).
         loss_fn (Callable, optional): ``(outputs, target) -> (N,)`` per-sample losses.
         device_ids (list[int], optional): DataParallel device order, as in Captum.
-        grad_kwargs (dict, optional): extra keyword arguments for ``torch.autograd.grad``.
+        grad_kwargs (dict, optional): extra keyword arguments for ``torch.autograd.grad``. With
+                    ``create_graph=True`` the activations stay attached to the graph, so maps built
+                    from the capture are differentiable w.r.t. the model's parameters.
+        layer_call (int or sequence, optional): per layer (or one for all), which call of a layer
+                    that runs several times per forward pass is captured (0 = first, -1 = last).
+                    None requires a single call.
 
     Returns:
         (list[LayerCapture], Tensor): one capture per layer, and the model output.
@@ -285,130 +428,33 @@ def capture(
     wheres = [where] * len(layers) if isinstance(where, str) else list(where)
     if len(wheres) != len(layers):
         raise ValueError("one 'where' per layer is needed")
+    calls = list(layer_call) if isinstance(layer_call, (list, tuple)) else [layer_call] * len(layers)
+    for c in calls:
+        check_layer_call(c)
+    gkw = grad_options(grad_kwargs)
     model = owning_module(forward_func)
-    lock = threading.Lock()
-    # per layer, per device: (saved activations, tensors to differentiate)
-    saved: List[Dict[torch.device, Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]] = [{} for _ in layers]
-    errors: List[BaseException] = []
-
-    def _grad_ready(t: Tensor, li: int) -> Tensor:
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"layer {_layer_name(model, layers[li])} produced a {type(t).__name__}, not a tensor"
-            )
-        if not (t.is_floating_point() or t.is_complex()):
-            raise TypeError(
-                f"layer {_layer_name(model, layers[li])} produced a tensor of dtype {t.dtype}; gradients "
-                "need floating-point activations. Choose a layer after the embedding/cast"
-            )
-        return t if t.requires_grad else t.detach().requires_grad_()
-
-    def _store(li: int, device: torch.device, acts: Tuple[Tensor, ...], diff: Tuple[Tensor, ...]) -> None:
-        with lock:
-            if device in saved[li]:
-                errors.append(
-                    ValueError(
-                        f"layer {_layer_name(model, layers[li])} was called more than once in one forward "
-                        "pass; NormGrad needs a single call site. Hook a module that is used once "
-                        "(e.g. wrap the shared module's second use in nn.Identity)"
-                    )
-                )
-            saved[li][device] = (acts, diff)
-
-    def make_forward_hook(li: int, mode: str) -> Callable[..., Any]:
-        def hook(module: Module, inp: Tuple[Any, ...], out: Any) -> Any:
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            diff = tuple(_grad_ready(t, li) for t in outs)
-            if mode == "weights":
-                acts = (inp[0].detach().clone(),)
-            else:
-                acts = tuple(t.detach() for t in diff)
-            _store(li, diff[0].device, acts, diff)
-            # downstream sees clones, so in-place ops after the layer cannot alter saved tensors
-            clones = tuple(t.clone() for t in diff)
-            if isinstance(out, tuple):
-                return clones
-            if isinstance(out, list):
-                return list(clones)
-            return clones[0]
-
-        return hook
-
-    def make_pre_hook(li: int) -> Callable[..., Any]:
-        def hook(module: Module, inp: Tuple[Any, ...]) -> Any:
-            tensors = [t for t in inp if isinstance(t, Tensor)]
-            if not tensors:
-                raise TypeError(f"layer {_layer_name(model, layers[li])} received no tensor input")
-            diff = tuple(_grad_ready(t, li) for t in tensors)
-            _store(li, diff[0].device, tuple(t.detach() for t in diff), diff)
-            it = iter(t.clone() for t in diff)
-            return tuple(next(it) if isinstance(t, Tensor) else t for t in inp)
-
-        return hook
-
-    handles = []
-    try:
-        with torch.enable_grad(), preserve_module_state(model):
-            for li, (layer, w) in enumerate(zip(layers, wheres)):
-                if w == "input":
-                    handles.append(layer.register_forward_pre_hook(make_pre_hook(li)))
-                elif w in ("output", "weights"):
-                    handles.append(layer.register_forward_hook(make_forward_hook(li, w)))
-                else:
-                    raise ValueError(f"unknown capture point {w!r}")
-            try:
-                output = forward_func(*inputs_t, *extra) if extra is not None else forward_func(*inputs_t)
-            except RuntimeError as exc:
-                bad = [i for i, t in enumerate(inputs_t) if isinstance(t, Tensor) and not t.is_floating_point()]
-                if bad:
-                    raise TypeError(
-                        f"the forward pass failed on integer inputs (inputs{bad} have dtype "
-                        f"{inputs_t[bad[0]].dtype}): {exc}. Image models need floating-point inputs: "
-                        "convert with x.float() (scaled to the model's expected range)"
-                    ) from exc
-                raise
-            finally:
-                for h in handles:
-                    h.remove()
-                handles = []
-            if errors:
-                raise errors[0]
-            for li, layer in enumerate(layers):
-                if not saved[li]:
-                    raise ValueError(
-                        f"layer {_layer_name(model, layer)} was not reached in the forward pass; "
-                        "choose a module that the model's forward() actually calls"
-                    )
-            objective = select_objective(output, target, loss_fn)
-            keys = list(saved[0].keys())
-            if len(keys) > 1:
-                if device_ids is None:
-                    device_ids = getattr(forward_func, "device_ids", None)
-                if device_ids is None:
-                    raise ValueError(
-                        "layer tensors were produced on several devices but the device order is unknown; "
-                        "pass device_ids=[...] (the DataParallel device ids) to the constructor"
-                    )
-                keys = _sort_key_list(keys, device_ids)
-            diff_all = tuple(t for li in range(len(layers)) for k in keys for t in saved[li][k][1])
-            grads = torch.autograd.grad(
-                outputs=objective,
-                inputs=diff_all,
-                grad_outputs=torch.ones_like(objective),
-                allow_unused=True,
-                **(grad_kwargs or {}),
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    rec = _Recorder(model, layers, wheres, keep_graph=bool(gkw.get("create_graph", False)))
+    with torch.enable_grad(), preserve_module_state(model):
+        with rec.hooked():
+            output = _run_forward(forward_func, inputs_t, extra)
+        keys0 = [list(c.keys()) for c in rec.calls]
+        for li, layer in enumerate(layers):
+            if not keys0[li]:
+                resolve_call(model, layer, 0, calls[li])  # raises "not reached"
+        keys = _device_order(keys0[0], forward_func, device_ids)
+        chosen = rec.selected(calls, keys)
+        objective = select_objective(output, target, loss_fn)
+        diff_all = tuple(t for per_dev in chosen for _, diff in per_dev for t in diff)
+        grads = torch.autograd.grad(
+            outputs=objective, inputs=diff_all, grad_outputs=torch.ones_like(objective), **gkw
+        )
 
     results: List[LayerCapture] = []
     offset = 0
-    for li, layer in enumerate(layers):
+    for per_dev in chosen:
         per_dev_acts = []
         per_dev_grads = []
-        for k in keys:
-            acts, diff = saved[li][k]
+        for acts, diff in per_dev:
             gs = []
             for t in diff:
                 gt = grads[offset]

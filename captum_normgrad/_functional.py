@@ -1,13 +1,25 @@
-r"""Per-sample functional plumbing for order-1 NormGrad (``torch.func``, no writes into the model).
+r"""Per-sample plumbing for order-1 NormGrad: the model as a pure function of parameter dictionaries.
 
 The model is evaluated with :func:`torch.func.functional_call` on parameter dictionaries, so the
 caller's parameters are never modified (no ``.data`` writes, no in-place updates, no optimizer).
-Every sample gets its own parameter set (``vmap`` over a leading sample dim).
+Every sample gets its own parameter set.
 
 Activation gradients are obtained with the *zero-perturbation trick*: a forward hook adds a zero
-tensor ``delta`` to the layer's output (or input), and the gradient of the loss w.r.t. ``delta``
-is the gradient w.r.t. the activation. The hooks live only for the duration of one call and are
-removed in every case.
+tensor ``delta`` to the chosen call of a layer (each tensor of its output, or of its input), and
+the gradient of the loss w.r.t. ``delta`` is the gradient w.r.t. that activation. The activation is
+recorded as a **copy** (in-place operations after the layer, like ``ReLU(inplace=True)``, modify the
+tensor the model goes on using, never the recorded one). The hooks live only for the duration of
+one call and are removed in every case.
+
+Two strategies give the same maps:
+
+* ``"loop"``: a Python loop of ordinary batch-1 passes with plain :mod:`torch.autograd` (fast on
+  CPUs, and compatible with the caller's own module hooks, e.g. ``register_full_backward_hook``);
+* ``"vmap"``: :func:`torch.func.vmap` over the samples (per-sample weights become grouped
+  convolutions, the fast choice on GPUs; :mod:`torch.func` does not support full backward hooks).
+
+What is per-example among the extra forward arguments is decided here, once, by
+:func:`per_example_flags`, for every strategy.
 """
 
 from __future__ import annotations
@@ -19,54 +31,58 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.utils._pytree import tree_map, tree_flatten, tree_unflatten
 
-__all__ = ["PerSampleModel", "map_samples", "STRATEGIES"]
+from ._capture import resolve_call
+
+__all__ = ["PerSampleModel", "STRATEGIES", "per_example_flags", "backward_hook_owners"]
 
 Params = Dict[str, Tensor]
 STRATEGIES = ("auto", "vmap", "loop")
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def map_samples(fn: Callable[..., Any], in_dims: Tuple[Any, ...], strategy: str) -> Callable[..., Any]:
-    """``vmap(fn, in_dims)`` or the same mapping as a Python loop over the samples.
+def per_example_flags(extra: Sequence[Any], n: int, override: Optional[Sequence[bool]] = None) -> Tuple[bool, ...]:
+    """Which extra forward arguments are split per example: **the one rule** of the package.
 
-    Both give identical per-sample semantics. ``vmap`` turns per-sample weights into grouped
-    convolutions (fast on GPUs); the loop runs ordinary batch-1 kernels, which is faster on CPUs.
+    Captum's convention: a tensor whose first dim equals the batch size ``n`` is per-example (row
+    ``i`` goes with example ``i``); anything else (a per-channel gate of shape ``(C,)``, a mask of
+    shape ``(T, T)``, a number, ``None``) is shared by the whole batch. Where that is ambiguous (a
+    shared tensor whose first dim happens to equal ``n``), ``override`` gives one flag per argument.
+
+    Args:
+        extra (sequence): the additional forward arguments (already a tuple).
+        n (int): the batch size.
+        override (sequence of bool, optional): one flag per argument; True = per-example.
+
+    Returns:
+        tuple[bool, ...]: one flag per argument.
     """
-    if strategy == "vmap":
-        return vmap(fn, in_dims=in_dims)
-
-    def looped(*args: Any) -> Any:
-        n = None
-        for a, d in zip(args, in_dims):
-            if d is None:
-                continue
-            leaves, _ = tree_flatten(a)
-            for leaf in leaves:
-                if isinstance(leaf, Tensor):
-                    n = leaf.shape[0]
-                    break
-            if n is not None:
-                break
-        assert n is not None, "no batched argument"
-        if n == 1:  # one sample: views instead of copies
-            sliced = tuple(
-                a if d is None else tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, a)
-                for a, d in zip(args, in_dims)
+    if override is not None:
+        flags = tuple(override)
+        if len(flags) != len(extra) or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(
+                f"per_example_args must hold one bool per additional forward argument ({len(extra)}), "
+                f"got {override!r}"
             )
-            return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, fn(*sliced))
-        outs = []
-        for i in range(n):
-            sliced = tuple(
-                a if d is None else tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, a)
-                for a, d in zip(args, in_dims)
-            )
-            outs.append(fn(*sliced))
-        flat0, spec = tree_flatten(outs[0])
-        flats = [tree_flatten(o)[0] for o in outs]
-        return tree_unflatten([torch.stack([f[j] for f in flats]) for j in range(len(flat0))], spec)
+        for i, (e, f) in enumerate(zip(extra, flags)):
+            if f and not (isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == n):
+                shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+                raise ValueError(
+                    f"per_example_args[{i}] is True but additional_forward_args[{i}] ({shape}) has no "
+                    f"first dim of size {n} (the batch) to split"
+                )
+        return flags
+    return tuple(isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == n for e in extra)
 
-    return looped
+
+def backward_hook_owners(model: nn.Module) -> List[str]:
+    """Names of the submodules that carry a backward hook (``register_full_backward_hook`` and
+    friends), which :mod:`torch.func` transforms do not support."""
+    return [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None)
+    ]
 
 
 class PerSampleModel:
@@ -78,7 +94,11 @@ class PerSampleModel:
         where (sequence of str): per layer ``"output"``, ``"input"`` or ``"weights"`` (perturb the
                     output, record the layer input as activation).
         loss_fn (Callable): ``(outputs, targets) -> (B,)`` per-sample losses.
-        buffers / frozen: tensors passed unchanged to every call.
+        extra_args (tuple): additional forward arguments.
+        batched_extra (tuple of bool): which of them are per-example (:func:`per_example_flags`).
+        strategy (str): ``"loop"`` or ``"vmap"``.
+        layer_calls (sequence of int or None): per layer, which call to attribute (None: the
+                    layer must be called once).
     """
 
     def __init__(
@@ -86,10 +106,11 @@ class PerSampleModel:
         model: nn.Module,
         layers: Sequence[nn.Module],
         where: Sequence[str],
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        loss_fn: LossFn,
         extra_args: Tuple[Any, ...],
         batched_extra: Tuple[bool, ...],
-        strategy: str = "vmap",
+        strategy: str = "loop",
+        layer_calls: Optional[Sequence[Optional[int]]] = None,
     ) -> None:
         self.model = model
         self.layers = list(layers)
@@ -98,43 +119,73 @@ class PerSampleModel:
         self.extra_args = extra_args
         self.batched_extra = batched_extra
         self.strategy = strategy
+        self.layer_calls = list(layer_calls) if layer_calls is not None else [None] * len(self.layers)
         named = dict(model.named_parameters())
         self.trainable: Params = {k: p.detach() for k, p in named.items() if p.requires_grad}
         self.constants: Dict[str, Tensor] = {k: p.detach() for k, p in named.items() if not p.requires_grad}
         self.constants.update({k: b.detach() for k, b in model.named_buffers()})
+        # per layer: the call index to perturb and the (batch-1) shapes of its tensors
+        self.chosen: List[int] = [0] * len(self.layers)
+        self.slots: List[List[torch.Size]] = [[] for _ in self.layers]
         # state shared with the hooks during one functional evaluation
+        self._probing = False
         self._deltas: Optional[Tuple[Tensor, ...]] = None
-        self._acts: List[Optional[Tensor]] = [None] * len(self.layers)
-        self.shapes: List[Optional[torch.Size]] = [None] * len(self.layers)
+        self._acts: List[List[Tensor]] = [[] for _ in self.layers]
         self._calls: List[int] = [0] * len(self.layers)
+        self._probe_shapes: List[List[List[torch.Size]]] = [[] for _ in self.layers]
 
     # ------------------------------------------------------------------ hooks
-    def _on_tensor(self, i: int, t: Tensor) -> Tensor:
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"layer {type(self.layers[i]).__name__} returned {type(t).__name__}; order-1 NormGrad needs "
-                "a layer that returns a single tensor"
-            )
-        self._calls[i] += 1
-        if self._deltas is None:
-            self.shapes[i] = t.shape
-            return t
-        return t + self._deltas[i]
+    def _offset(self, i: int) -> int:
+        return sum(len(s) for s in self.slots[:i])
 
-    def _make_hooks(self, i: int, where: str) -> Tuple[Callable[..., Any], bool]:
+    def _on_call(self, i: int, tensors: Sequence[Any]) -> Optional[List[Any]]:
+        """Perturb the chosen call's floating tensors; record copies of them as activations."""
+        k = self._calls[i]
+        self._calls[i] += 1
+        floats = [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+        if not floats:
+            raise TypeError(
+                f"layer {type(self.layers[i]).__name__} produced no floating-point tensor; order-1 NormGrad "
+                "needs floating-point activations (choose a layer after the embedding/cast)"
+            )
+        if self._probing:
+            self._probe_shapes[i].append([t.shape for t in floats])
+            return None
+        if k != self.chosen[i]:
+            return None
+        new: List[Any] = []
+        j = self._offset(i)
+        for t in tensors:
+            if isinstance(t, Tensor) and t.is_floating_point():
+                if self._deltas is not None:
+                    t = t + self._deltas[j]
+                j += 1
+            new.append(t)
+        # a copy: in-place ops after the layer (ReLU(inplace=True)) must not alter the record
+        self._acts[i] = [t.detach().clone() for t in new if isinstance(t, Tensor) and t.is_floating_point()]
+        return new
+
+    def _make_hook(self, i: int, where: str) -> Tuple[Callable[..., Any], bool]:
         if where == "input":
 
             def pre_hook(module: nn.Module, inp: Tuple[Any, ...]) -> Any:
-                new = self._on_tensor(i, inp[0])
-                self._acts[i] = new
-                return (new,) + tuple(inp[1:])
+                new = self._on_call(i, inp)
+                return None if new is None else tuple(new)
 
             return pre_hook, True
 
         def hook(module: nn.Module, inp: Tuple[Any, ...], out: Any) -> Any:
-            new = self._on_tensor(i, out)
-            self._acts[i] = inp[0] if where == "weights" else new
-            return new
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            new = self._on_call(i, outs)
+            if new is None:
+                return None
+            if where == "weights" and not self._probing:
+                self._acts[i] = [inp[0].detach().clone()]
+            if isinstance(out, tuple):
+                return tuple(new)
+            if isinstance(out, list):
+                return new
+            return new[0]
 
         return hook, False
 
@@ -143,21 +194,28 @@ class PerSampleModel:
         handles = []
         try:
             for i, (layer, w) in enumerate(zip(self.layers, self.where)):
-                fn, pre = self._make_hooks(i, w)
+                fn, pre = self._make_hook(i, w)
                 handles.append(layer.register_forward_pre_hook(fn) if pre else layer.register_forward_hook(fn))
             yield
         finally:
             for h in handles:
                 h.remove()
             self._deltas = None
-            self._acts = [None] * len(self.layers)
+            self._acts = [[] for _ in self.layers]
 
     # ------------------------------------------------------------ functions
-    def _forward(self, params: Params, x: Tuple[Tensor, ...], extra: Tuple[Any, ...]) -> Tensor:
+    def forward(self, params: Params, x: Tuple[Tensor, ...], extra: Tuple[Any, ...]) -> Tensor:
+        """The model on ONE example (``x`` without batch dim; per-example extras likewise)."""
         args = tuple(t.unsqueeze(0) for t in x) + tuple(
             e.unsqueeze(0) if b else e for e, b in zip(extra, self.batched_extra)
         )
-        return functional_call(self.model, (params, self.constants), args, strict=False)
+        out = functional_call(self.model, (params, self.constants), args, strict=False)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the model must return a tensor, got {type(out).__name__}; wrap it so that forward() returns "
+                "the logits tensor (e.g. lambda-free nn.Module that picks out['logits'])"
+            )
+        return out
 
     def loss(
         self,
@@ -166,54 +224,79 @@ class PerSampleModel:
         x: Tuple[Tensor, ...],
         target: Tensor,
         extra: Tuple[Any, ...],
-    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """Loss of one sample (no batch dim in ``x``), and the detached activations."""
+    ) -> Tuple[Tensor, Tuple[Tensor, ...], Tensor]:
+        """Loss of one example, the recorded activations (flat, per slot) and the output."""
         self._deltas = deltas
         self._calls = [0] * len(self.layers)
         try:
-            out = self._forward(params, x, extra)
+            out = self.forward(params, x, extra)
             losses = self.loss_fn(out, target.unsqueeze(0))
         finally:
             self._deltas = None
         for i, c in enumerate(self._calls):
-            if c == 0:
-                raise ValueError(
-                    f"layer {type(self.layers[i]).__name__} was not reached in the forward pass; choose a "
-                    "module that the model's forward() actually calls"
-                )
-            if c > 1:
-                raise ValueError(
-                    f"layer {type(self.layers[i]).__name__} was called {c} times in one forward pass; "
-                    "NormGrad needs a single call site"
-                )
-        acts = tuple(a.detach() for a in self._acts if a is not None)
-        return losses.sum(), acts
+            if c <= self.chosen[i]:
+                resolve_call(self.model, self.layers[i], c, self.layer_calls[i])
+        acts = tuple(a for per_layer in self._acts for a in per_layer)
+        return losses.sum(), acts, out
 
-    # ------------------------------------------------------- batched passes
+    def probe(self, x: Tuple[Tensor, ...], target: Tensor, extra: Tuple[Any, ...]) -> None:
+        """Count each layer's calls and record the chosen call's tensor shapes with one example."""
+        self._probing = True
+        self._probe_shapes = [[] for _ in self.layers]
+        self._calls = [0] * len(self.layers)
+        try:
+            with torch.no_grad():
+                self.forward(self.trainable, tuple(t[0] for t in x), tuple(
+                    e[0] if b else e for e, b in zip(extra, self.batched_extra)
+                ))
+        finally:
+            self._probing = False
+        for i, layer in enumerate(self.layers):
+            self.chosen[i] = resolve_call(self.model, layer, len(self._probe_shapes[i]), self.layer_calls[i])
+            self.slots[i] = list(self._probe_shapes[i][self.chosen[i]])
+
+    def n_slots(self) -> int:
+        return sum(len(s) for s in self.slots)
+
+    def zero_deltas(self, n: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
+        return tuple(torch.zeros((n, *s), dtype=dtype, device=device) for per in self.slots for s in per)
+
     def _extra_dims(self) -> Tuple[Optional[int], ...]:
         return tuple(0 if b else None for b in self.batched_extra)
 
-    def probe_shapes(self, x: Tuple[Tensor, ...], target: Tensor, extra: Tuple[Any, ...]) -> None:
-        """Record per-sample layer shapes with one sample (no gradients)."""
-        with torch.no_grad():
-            self.loss(self.trainable, None, tuple(t[0] for t in x), target[0], tuple(
-                e[0] if b else e for e, b in zip(extra, self.batched_extra)
-            ))
+    def _sample(self, xs: Tuple[Tensor, ...], es: Tuple[Any, ...], i: int) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
+        return tuple(t[i] for t in xs), tuple(e[i] if b else e for e, b in zip(es, self.batched_extra))
 
-    def zero_deltas(self, n: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
-        return tuple(torch.zeros((n, *s), dtype=dtype, device=device) for s in self.shapes)  # type: ignore[misc]
-
+    # ------------------------------------------------------- batched passes
     def per_sample_param_grads(
         self, params: Params, x: Tuple[Tensor, ...], target: Tensor, extra: Tuple[Any, ...]
-    ) -> Tuple[Params, Tensor]:
-        """``grad_theta loss(theta, x_i)`` for every sample, with shared ``theta``: (N, *p) each."""
+    ) -> Tuple[Params, Tensor, Tensor]:
+        """``grad_theta loss(theta, x_i)`` for every example, with shared ``theta``: (N, *p) each;
+        also the losses ``(N,)`` and the outputs ``(N, *out)``."""
+        if self.strategy == "vmap":
 
-        def f(p: Params, xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]) -> Tuple[Tensor, Tensor]:
-            loss, _ = self.loss(p, None, xi, ti, ei)
-            return loss, loss.detach()
+            def f(p: Params, xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+                loss, _, out = self.loss(p, None, xi, ti, ei)
+                return loss, (loss.detach(), out.detach()[0])
 
-        g, losses = map_samples(grad(f, has_aux=True), (None, 0, 0, self._extra_dims()), self.strategy)(params, x, target, extra)
-        return g, losses
+            g, (losses, outs) = vmap(grad(f, has_aux=True), in_dims=(None, 0, 0, self._extra_dims()))(
+                params, x, target, extra
+            )
+            return g, losses, outs
+        keys = list(params)
+        grads: List[List[Tensor]] = [[] for _ in keys]
+        losses_l, outs_l = [], []
+        for i in range(x[0].shape[0]):
+            xi, ei = self._sample(x, extra, i)
+            p = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with torch.enable_grad():
+                loss, _, out = self.loss(p, None, xi, target[i], ei)
+                gs = torch.autograd.grad(loss, [p[k] for k in keys], allow_unused=True)
+            for j, (k, gk) in enumerate(zip(keys, gs)):
+                grads[j].append(torch.zeros_like(params[k]) if gk is None else gk)
+            losses_l.append(loss.detach())
+            outs_l.append(out.detach()[0])
+        return {k: torch.stack(grads[j]) for j, k in enumerate(keys)}, torch.stack(losses_l), torch.stack(outs_l)
 
     def grads_at(
         self,
@@ -224,21 +307,50 @@ class PerSampleModel:
         extra: Tuple[Any, ...],
         with_params: bool,
     ) -> Tuple[Optional[Params], Tuple[Tensor, ...], Tuple[Tensor, ...], Tensor]:
-        """Per-sample parameters (leading N): activation gradients, activations, (param grads), losses."""
+        """Per-example parameters (leading N): (param grads), activation grads, activations, losses."""
+        if self.strategy == "vmap":
 
-        def f(
-            p: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
-        ) -> Tuple[Tensor, Tuple[Tuple[Tensor, ...], Tensor]]:
-            loss, acts = self.loss(p, d, xi, ti, ei)
-            return loss, (acts, loss.detach())
+            def f(
+                p: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
+            ) -> Tuple[Tensor, Tuple[Tuple[Tensor, ...], Tensor]]:
+                loss, acts, _ = self.loss(p, d, xi, ti, ei)
+                return loss, (acts, loss.detach())
 
-        argnums = (0, 1) if with_params else 1
-        gfn = grad(f, argnums=argnums, has_aux=True)
-        out, (acts, losses) = map_samples(gfn, (0, 0, 0, 0, self._extra_dims()), self.strategy)(params, deltas, x, target, extra)
-        if with_params:
-            pg, dg = out
-            return pg, dg, acts, losses
-        return None, out, acts, losses
+            argnums = (0, 1) if with_params else 1
+            gfn = grad(f, argnums=argnums, has_aux=True)
+            out, (acts, losses) = vmap(gfn, in_dims=(0, 0, 0, 0, self._extra_dims()))(params, deltas, x, target, extra)
+            if with_params:
+                pg, dg = out
+                return pg, dg, acts, losses
+            return None, out, acts, losses
+        keys = list(params)
+        pgs: List[List[Tensor]] = [[] for _ in keys]
+        dgs: List[List[Tensor]] = [[] for _ in deltas]
+        acts_l: List[List[Tensor]] = [[] for _ in deltas]
+        losses_l = []
+        for i in range(x[0].shape[0]):
+            xi, ei = self._sample(x, extra, i)
+            p = {k: v[i].detach().requires_grad_(with_params) for k, v in params.items()}
+            d = tuple(t[i].detach().requires_grad_() for t in deltas)
+            with torch.enable_grad():
+                loss, acts, _ = self.loss(p, d, xi, target[i], ei)
+                wrt = list(d) + ([p[k] for k in keys] if with_params else [])
+                gs = torch.autograd.grad(loss, wrt, allow_unused=True)
+            for j, t in enumerate(d):
+                dgs[j].append(torch.zeros_like(t) if gs[j] is None else gs[j])
+                acts_l[j].append(acts[j])
+            if with_params:
+                for j, k in enumerate(keys):
+                    gk = gs[len(d) + j]
+                    pgs[j].append(torch.zeros_like(p[k]) if gk is None else gk)
+            losses_l.append(loss.detach())
+        pg = {k: torch.stack(pgs[j]) for j, k in enumerate(keys)} if with_params else None
+        return (
+            pg,
+            tuple(torch.stack(g) for g in dgs),
+            tuple(torch.stack(a) for a in acts_l),
+            torch.stack(losses_l),
+        )
 
     def activation_grad_jvp(
         self,
@@ -249,10 +361,8 @@ class PerSampleModel:
         target: Tensor,
         extra: Tuple[Any, ...],
     ) -> Tuple[Tensor, ...]:
-        """Exact directional derivative of the activation gradients along ``tangent`` (forward-over-reverse).
-
-        ``params`` is shared (unbatched) and ``tangent`` has a leading sample dim.
-        """
+        """Exact directional derivative of the activation gradients along ``tangent``
+        (forward-over-reverse). ``params`` is shared (unbatched); ``tangent`` has a leading sample dim."""
 
         def act_grad(p: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]) -> Tuple[Tensor, ...]:
             return grad(lambda dd: self.loss(p, dd, xi, ti, ei)[0])(d)
@@ -267,4 +377,31 @@ class PerSampleModel:
                 _, dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))
             return dg
 
-        return map_samples(one, (0, 0, 0, 0, self._extra_dims()), self.strategy)(tangent, deltas, x, target, extra)
+        if self.strategy == "vmap":
+            return vmap(one, in_dims=(0, 0, 0, 0, self._extra_dims()))(tangent, deltas, x, target, extra)
+        outs: List[List[Tensor]] = [[] for _ in deltas]
+        for i in range(x[0].shape[0]):
+            xi, ei = self._sample(x, extra, i)
+            dg = self._jvp_autograd(params, {k: v[i] for k, v in tangent.items()}, tuple(t[i] for t in deltas), xi, target[i], ei)
+            for j, t in enumerate(dg):
+                outs[j].append(t)
+        return tuple(torch.stack(o) for o in outs)
+
+    def _jvp_autograd(
+        self, params: Params, tangent: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
+    ) -> Tuple[Tensor, ...]:
+        """One example's exact ``J v`` with plain autograd (the double-vjp trick), hook-friendly:
+        ``s = J^T w`` with a dummy ``w``, then ``J v = d(s . v)/dw``."""
+        keys = list(params)
+        p = {k: v.detach().requires_grad_() for k, v in params.items()}
+        dd = tuple(t.detach().requires_grad_() for t in d)
+        with torch.enable_grad():
+            loss, _, _ = self.loss(p, dd, xi, ti, ei)
+            gd = torch.autograd.grad(loss, dd, create_graph=True)
+            w = tuple(torch.zeros_like(g, requires_grad=True) for g in gd)
+            s = torch.autograd.grad(gd, [p[k] for k in keys], grad_outputs=w, create_graph=True, allow_unused=True)
+            pairs = [(si, tangent[k]) for si, k in zip(s, keys) if si is not None]
+            if not pairs:
+                return tuple(torch.zeros_like(t) for t in d)
+            jv = torch.autograd.grad([si for si, _ in pairs], w, grad_outputs=[t for _, t in pairs], allow_unused=True)
+        return tuple(torch.zeros_like(t) if j is None else j.detach() for j, t in zip(jv, d))

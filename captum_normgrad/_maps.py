@@ -66,6 +66,15 @@ _STATS_FOR: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def _sqrt0(t: Tensor) -> Tensor:
+    """``sqrt`` of a non-negative tensor with gradient 0 (not inf) at 0, so that maps stay
+    differentiable (``create_graph=True``) where an activation or a gradient vanishes."""
+    if not t.requires_grad:
+        return t.sqrt()
+    tiny = torch.finfo(t.dtype).tiny
+    return torch.where(t > 0, t.clamp_min(tiny).sqrt(), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in AGGREGATIONS:
         raise ValueError(
@@ -100,10 +109,10 @@ def _combine(a: Dict[str, Tensor], b: Dict[str, Tensor], aggregation: str) -> Te
     ``a`` and ``b`` hold tensors of shape (N, G, *L); the result has shape (N, 1, *L).
     """
     if aggregation == "norm":
-        return (a["sq"] * b["sq"]).sum(1, keepdim=True).sqrt()
+        return _sqrt0((a["sq"] * b["sq"]).sum(1, keepdim=True))
     if aggregation == "filter_norm":
         sq = a["pos_sq"] * b["pos_sq"] + a["neg_sq"] * b["neg_sq"]
-        return sq.sum(1, keepdim=True).sqrt()
+        return _sqrt0(sq.sum(1, keepdim=True))
     if aggregation == "sum":
         return (a["sum"] * b["sum"]).sum(1, keepdim=True)
     # max over every entry a_i b_j of every diagonal block
@@ -152,9 +161,9 @@ def vector_aggregate(t: Tensor, aggregation: Aggregation = "norm") -> Tensor:
     """
     _check_aggregation(aggregation)
     if aggregation == "norm":
-        return t.square().sum(1, keepdim=True).sqrt()
+        return _sqrt0(t.square().sum(1, keepdim=True))
     if aggregation == "filter_norm":
-        return t.clamp(min=0).square().sum(1, keepdim=True).sqrt()
+        return _sqrt0(t.clamp(min=0).square().sum(1, keepdim=True))
     if aggregation == "sum":
         return t.sum(1, keepdim=True)
     return t.amax(1, keepdim=True)
@@ -162,7 +171,7 @@ def vector_aggregate(t: Tensor, aggregation: Aggregation = "norm") -> Tensor:
 
 def location_norms(t: Tensor) -> Tensor:
     """Euclidean norm over channels (dim 1) at every location: ``(N, C, *L) -> (N, 1, *L)``."""
-    return t.square().sum(1, keepdim=True).sqrt()
+    return _sqrt0(t.square().sum(1, keepdim=True))
 
 
 @dataclass(frozen=True)
@@ -407,6 +416,48 @@ def virtual_layer_map(
     raise ValueError(
         f"unknown virtual_layer {virtual_layer!r}; choose one of {', '.join(map(repr, VIRTUAL_LAYERS + ('weights',)))}"
     )
+
+
+def channel_terms(x: Tensor, g: Tensor, virtual_layer: str = "conv1x1", aggregation: Aggregation = "norm") -> Tensor:
+    r"""Per-channel terms of a virtual-layer map (Captum's ``attr_dim_summation=False``).
+
+    For ``aggregation="sum"`` the terms add up over channels to :func:`virtual_layer_map`; for
+    ``"norm"`` their root-sum-of-squares over channels is the map (the rows of ``T_u``):
+
+    ============  =========================  =========================
+    virtual layer ``"sum"`` term of channel c ``"norm"`` term of channel c
+    ============  =========================  =========================
+    conv1x1       ``g_uc * sum_j x_uj``       ``|g_uc| * ||x_u||``
+    scaling       ``x_uc * g_uc``             ``|x_uc * g_uc|``
+    bias          ``g_uc``                    ``|g_uc|``
+    ============  =========================  =========================
+
+    Args:
+        x (Tensor): activations, ``(N, C, *L)``.
+        g (Tensor): gradients, same shape.
+        virtual_layer (str, optional): ``"conv1x1"``, ``"scaling"`` or ``"bias"``.
+                    Default: ``"conv1x1"``
+        aggregation (str, optional): ``"norm"`` or ``"sum"``. Default: ``"norm"``
+
+    Returns:
+        Tensor: ``(N, C, *L)``.
+    """
+    if aggregation not in ("norm", "sum") or virtual_layer not in ("conv1x1", "scaling", "bias"):
+        raise ValueError(
+            f"per-channel attributions (attr_dim_summation=False) are defined for the 'norm' and 'sum' "
+            f"aggregations of the 'conv1x1', 'scaling' and 'bias' virtual layers, not for "
+            f"virtual_layer={virtual_layer!r}, aggregation={aggregation!r}; use attr_dim_summation=True"
+        )
+    if x.shape != g.shape:
+        raise ValueError(f"activation shape {tuple(x.shape)} and gradient shape {tuple(g.shape)} differ")
+    if virtual_layer == "conv1x1":
+        other = location_norms(x) if aggregation == "norm" else x.sum(1, keepdim=True)
+        t = g * other
+    elif virtual_layer == "scaling":
+        t = x * g
+    else:
+        t = g
+    return t.abs() if aggregation == "norm" else t
 
 
 # --------------------------------------------------------------------------- normalisation / fusion

@@ -86,12 +86,16 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         target: TargetType = None,
         additional_forward_args: Optional[object] = None,
         attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        attr_dim_summation: bool = True,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+        *,
         virtual_layer: str = "conv1x1",
         aggregation: str = "norm",
         loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
         weights_grid: str = "input",
         channel_dim: int = 1,
-        grad_kwargs: Optional[Dict[str, Any]] = None,
+        layer_call: Optional[int] = None,
     ) -> Union[LayerOutput, List[LayerOutput]]:
         r"""
         Args:
@@ -125,6 +129,28 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
                         or output (the virtual layer is inserted before or after the
                         layer). Not used by ``virtual_layer="weights"``.
                         Default: False
+            relu_attributions (bool, optional): As in ``LayerGradCam``: apply a ReLU to
+                        the map, keeping only positive attributions. A no-op for the
+                        non-negative ``"norm"`` and ``"filter_norm"`` aggregations; it
+                        matters for the signed ``"sum"`` and ``"max"``.
+                        Default: False
+            attr_dim_summation (bool, optional): As in ``LayerGradCam``: True returns
+                        one value per location ``(N, 1, *locations)``. False returns
+                        per-channel terms ``(N, C, *locations)`` (defined for the
+                        ``"conv1x1"``, ``"scaling"`` and ``"bias"`` virtual layers with
+                        ``"sum"``, whose terms add up to the map, and ``"norm"``, whose
+                        terms' root-sum-of-squares is the map; see
+                        :func:`captum_normgrad._maps.channel_terms`).
+                        Default: True
+            grad_kwargs (dict[str, Any], optional): Additional keyword arguments for
+                        ``torch.autograd.grad``. With ``{"create_graph": True}`` the map
+                        stays attached to the graph and is differentiable w.r.t. the
+                        model's parameters and inputs (e.g. for attribution penalties
+                        during training).
+                        Default: None
+
+        The NormGrad options below are keyword-only.
+
             virtual_layer (str, optional): Which parameter gradient is decomposed:
                         ``"conv1x1"`` (the 1x1 identity trick: NormGrad),
                         ``"scaling"`` (per-channel scale: ``x_u * g_u``), ``"bias"``
@@ -154,8 +180,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
                         shaped ``(N, T, C)`` (transformer blocks), where locations are
                         tokens. Ignored for ``"weights"`` (Conv: 1, Linear: -1).
                         Default: 1
-            grad_kwargs (dict[str, Any], optional): Additional keyword arguments for
-                        ``torch.autograd.grad``.
+            layer_call (int, optional): For a module called several times in one
+                        forward pass (e.g. the shared ``relu`` of a torchvision
+                        ``BasicBlock``), which call to attribute: 0 is the first,
+                        -1 the last. None requires the layer to be called once.
                         Default: None
 
         Returns:
@@ -184,7 +212,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             >>> upsampled_attr = LayerAttribution.interpolate(attr, (32, 32))
         """
         layers, is_list = _dispatch.layer_list(self.layer)
-        _dispatch.check_options(layers, virtual_layer, aggregation, weights_grid, channel_dim, attribute_to_layer_input)
+        _dispatch.check_options(
+            layers, virtual_layer, aggregation, weights_grid, channel_dim, attribute_to_layer_input, attr_dim_summation
+        )
+        _capture.check_layer_call(layer_call)
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(
                 f"inputs must be a torch.Tensor or a tuple of tensors, got {type(inputs).__name__}; "
@@ -203,11 +234,24 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             loss_fn=loss_fn,
             device_ids=self.device_ids,
             grad_kwargs=grad_kwargs,
+            layer_call=layer_call,
         )
         results: List[LayerOutput] = []
         for layer, cap in zip(layers, captures):
             maps = _dispatch.maps_for_layer(
-                layer, cap.activations, cap.gradients, virtual_layer, aggregation, weights_grid, channel_dim
+                layer,
+                cap.activations,
+                cap.gradients,
+                virtual_layer,
+                aggregation,
+                weights_grid,
+                channel_dim,
+                attr_dim_summation,
             )
-            results.append(_format_output(len(maps) > 1, maps))
+            _dispatch.warn_degenerate(
+                maps,
+                "LayerNormGrad",
+                "Check the target (is it the class you mean?), pick another layer, or compute in float32/float64.",
+            )
+            results.append(_format_output(len(maps) > 1, _dispatch.finalize(maps, relu_attributions)))
         return results if is_list else results[0]

@@ -38,8 +38,12 @@ def test_layer_not_reached(model: nn.Module, image_batch: Tensor) -> None:
 def test_layer_called_twice(image_batch: Tensor) -> None:
     shared = nn.Conv2d(3, 3, 3, padding=1)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(300, 2))
-    with pytest.raises(ValueError, match=r"called more than once.*single call site"):
+    with pytest.raises(ValueError, match=r"layer 0 was called 2 times.*layer_call=<index>.*the block itself"):
         LayerNormGrad(model, shared).attribute(image_batch, 0)
+    with pytest.raises(ValueError, match=r"layer_call=2 but layer 0 is called 2 time\(s\)"):
+        LayerNormGrad(model, shared).attribute(image_batch, 0, layer_call=2)
+    with pytest.raises(TypeError, match=r"layer_call must be None or an int"):
+        LayerNormGrad(model, shared).attribute(image_batch, 0, layer_call="last")
 
 
 @pytest.mark.parametrize("layer_name", ["relu1", "bn1", "pool", "probe"])
@@ -77,7 +81,7 @@ def test_unknown_keyword_argument(model: nn.Module, image_batch: Tensor) -> None
     "target, message",
     [
         (5, r"target index 5 is out of range for output dim 1 of size 5 .*valid indices are 0..4"),
-        (-1, r"target index -1 is out of range"),
+        (-6, r"target index -6 is out of range .*or -5..-1 from the end"),
         ([0, 1, 7], r"target\[2\] index 7 is out of range"),
         (torch.tensor([0, 9, 1]), r"target\[1\] index 9 is out of range"),
         (torch.tensor(11), r"target index 11 is out of range"),

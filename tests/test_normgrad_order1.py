@@ -233,16 +233,15 @@ def test_batch_invariance_and_determinism(model, batch):
 
 @pytest.mark.parametrize(
     "target",
-    [2, torch.tensor(2), torch.tensor([2]), [2, 2, 2], torch.tensor([2, 2, 2]), (2,)],
-    ids=["int", "0d", "1elem", "list", "tensor", "tuple-needs-loss"],
+    [2, torch.tensor(2), torch.tensor([2]), [2, 2, 2], torch.tensor([2, 2, 2]), (2,), [(2,), (2,), (2,)], -2,
+     torch.tensor([-2, 2, -2])],
+    ids=["int", "0d", "1elem", "list", "tensor", "1-tuple", "list-of-1-tuples", "negative", "negative-tensor"],
 )
 def test_target_forms(model, batch, target):
+    """Every Captum target form, including negative indices (the model has 4 classes: -2 is 2) and
+    1-tuples on 2-D outputs, means the same as the plain list."""
     x, _ = batch
     attr = LayerNormGradOrder1(model, model.block)
-    if isinstance(target, tuple):
-        with pytest.raises(ValueError, match="loss_fn"):
-            attr.attribute(x, target)
-        return
     ref = attr.attribute(x, [2, 2, 2])
     torch.testing.assert_close(attr.attribute(x, target), ref)
 
