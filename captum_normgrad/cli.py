@@ -364,6 +364,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(os.environ.get("CAPTUM_NORMGRAD_DEBUG"))
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    if not debug:  # warnings as one line each, like the errors
+        warnings.formatwarning = lambda message, category, *a, **k: (  # type: ignore[assignment]
+            f"{PROG} {args.command}: warning: {' '.join(str(message).split())}\n"
+        )
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -383,6 +390,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -454,8 +455,11 @@ def explain_files(
             probs = logits.float().softmax(1)
             pred = probs.argmax(1)
             tgt = pred.clone() if fixed_target is None else torch.full_like(pred, fixed_target)
-            maps = {method: [m.cpu() for m in compute_maps(method, model, layer_mods, x, tgt, options, layouts)]
-                    for method in methods}
+            with warnings.catch_warnings():
+                # all-zero maps are reported below, once per method and layer, with the images' names
+                warnings.filterwarnings("ignore", message=r".*the map of example\(s\) .* is all zero", category=UserWarning)
+                maps = {method: [m.cpu() for m in compute_maps(method, model, layer_mods, x, tgt, options, layouts)]
+                        for method in methods}
             display = loaded.to_display(x.detach().cpu())
             for method in methods:
                 for lname, m in zip(layer_names, maps[method]):

@@ -509,3 +509,20 @@ def test_deprecated_method_names_still_work_with_a_note(capsys, workspace, tmp_p
     assert "one map per channel" in line and "use 'gradxact_sum'" in line
     line = _err(capsys, args[:-6] + ["--layer", "auto,layer3", "--out", str(out)])
     assert "--layer auto picks every layer itself" in line
+
+
+def test_warnings_are_one_line(capsys, monkeypatch) -> None:
+    import warnings
+
+    def register(sub):
+        p = sub.add_parser("warner", help="warns")
+        p.set_defaults(func=lambda args: warnings.warn("first line\nsecond line", UserWarning) or 0)
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + [register])
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = warnings._showwarning_orig  # print as a plain run would (pytest records them)
+        assert cli.main(["warner"]) == 0
+    assert capsys.readouterr().err == "captum-normgrad warner: warning: first line second line\n"
+    assert warnings.formatwarning is before  # restored for the rest of the process
