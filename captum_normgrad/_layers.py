@@ -27,6 +27,7 @@ __all__ = [
     "get_layer",
     "get_layers",
     "suggest_layers",
+    "layout_of",
 ]
 
 

@@ -250,3 +250,22 @@ def test_progress_is_per_image_and_order1_cost_is_announced(tmp_path: Path, monk
     assert len(notes) == 2
     assert "normgrad_order1 on 5 images" in notes[0] and "15-40x" in notes[0]
     assert "s per image: 1 images left" in notes[1]
+
+
+def test_runner_warns_when_a_folder_goes_unnormalised_into_a_torchvision_model(tmp_path: Path) -> None:
+    from captum_normgrad.runner import RunConfig
+    from captum_normgrad.runner.resolve import resolve_dataset
+
+    _img(tmp_path / "imgs" / "a.png", 0)
+    base = {"output": str(tmp_path / "o"), "layers": ["layer4"], "model": {"source": "torchvision", "name": "resnet18"}}
+    cfg = RunConfig.from_dict({**base, "dataset": {"kind": "folder", "root": str(tmp_path / "imgs")}})
+    with pytest.warns(UserWarning, match=r"applies no normalisation.*dataset.mean = \[0.485, 0.456, 0.406\].*"
+                      r"image_size = \[224, 224\]"):
+        resolve_dataset(cfg)
+    ok = RunConfig.from_dict({**base, "dataset": {"kind": "folder", "root": str(tmp_path / "imgs"),
+                                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(resolve_dataset(ok)) == 1

@@ -126,9 +126,36 @@ def _generated_dataset(spec: DatasetSpec) -> Any:
     return getattr(ds_mod, GENERATED_DATASETS[name])(**kwargs)
 
 
+def _warn_unnormalised(cfg: RunConfig) -> None:
+    """Warn when image files go unnormalised into a torchvision model (which expects its weights'
+    normalisation): maps of a model fed inputs it was not trained on are silently off."""
+    import warnings
+
+    spec = cfg.dataset
+    if spec.kind not in ("folder", "torchvision") or spec.mean is not None or cfg.model.source != "torchvision":
+        return
+    mean, std = "[0.485, 0.456, 0.406]", "[0.229, 0.224, 0.225]"
+    hint = ""
+    try:
+        from torchvision.models import get_model_weights
+
+        t = get_model_weights(cfg.model.name or "").DEFAULT.transforms()
+        mean, std = str([round(v, 3) for v in t.mean]), str([round(v, 3) for v in t.std])
+        hint = f" and image_size = [{t.crop_size[0]}, {t.crop_size[0]}]" if spec.image_size is None else ""
+    except (ValueError, KeyError, AttributeError):
+        pass
+    warnings.warn(
+        f"dataset ({spec.kind}) applies no normalisation, but the torchvision model {cfg.model.name!r} expects "
+        f"its weights' preprocessing: set dataset.mean = {mean}, dataset.std = {std}{hint}",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 def resolve_dataset(cfg: RunConfig) -> Any:
     """The map-style dataset of ``cfg.dataset`` (before ``limit`` is applied)."""
     spec = cfg.dataset
+    _warn_unnormalised(cfg)
     if spec.kind == "folder":
         return ImageFolderDataset(cfg.resolve_path(spec.root or "."), transform=_image_transform(spec))
     if spec.kind == "torchvision":
