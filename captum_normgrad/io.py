@@ -1,6 +1,6 @@
 r"""Files in and out for the command line: images, models, weights, layers and saved maps.
 
-This module belongs to the *faces* floor of the package (see the architecture notes): it is the
+This module belongs to the *faces* floor of the package: it is the
 only library code that reads images and weight files from disk and writes maps and figures. The
 attribution methods themselves never touch files.
 
