@@ -180,7 +180,8 @@ def _grid_for(layout: str, shape: Tuple[int, ...], image_hw: Tuple[int, int]) ->
 
 
 def _token_grid(t: int, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
-    """``(h, w)`` with ``h * w == t`` or ``t - 1`` (class token), closest to the image's aspect ratio."""
+    """``(h, w)`` with ``h * w == t`` or ``t - 1`` (class token), closest to the image's aspect ratio;
+    None when no such grid has the same patch size along both sides (e.g. several extra tokens)."""
     H, W = image_hw
     best: Optional[Tuple[float, Tuple[int, int]]] = None
     for n in (t - 1, t):  # a class token first is the common case (ViT)
@@ -192,7 +193,11 @@ def _token_grid(t: int, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
                     best = (err, (h, w))
         if best is not None and best[0] < 1e-9:
             return best[1]
-    return best[1] if best is not None else None
+    if best is None:
+        return None
+    h, w = best[1]
+    # the same patch size along both sides (within a pixel), or it is not a patch grid of this image
+    return best[1] if abs(H / h - W / w) <= 1.0 else None
 
 
 def _to_grid(m: Tensor, layout: str, grid: Tuple[int, int]) -> Tensor:

@@ -200,3 +200,24 @@ def test_layers_suggest_subcommand(capsys) -> None:
                                                "Sequential", "layer4", "Sequential"]
     assert cli.main(["layers"]) == 1
     assert "give the model" in capsys.readouterr().err
+
+
+def test_token_layouts_that_are_not_a_patch_grid_are_refused() -> None:
+    class TwoExtraTokens(nn.Module):  # DeiT-like: class + distillation token before 2 x 2 patches
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 16, stride=16)
+            self.block = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 4, 8)
+            t = torch.cat([t[:, :2] * 0, t], 1)  # (N, 6, 8): 2 extra tokens
+            return self.head(self.block(t).mean(1))
+
+    model = TwoExtraTokens().eval()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(CLIInputError, match=r"layout 'tokens' does not fit the layer's output shape \(1, 6, 8\)"):
+        detect_layouts(model, [model.block], x, "tokens")
+    with pytest.raises(CLIInputError, match="has no spatial layout"):  # 6 tokens: not guessed either
+        detect_layouts(model, [model.block], x)
