@@ -30,6 +30,8 @@ the groups and maxima are taken over the groups.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -463,6 +465,24 @@ def channel_terms(x: Tensor, g: Tensor, virtual_layer: str = "conv1x1", aggregat
 # --------------------------------------------------------------------------- normalisation / fusion
 
 
+def _check_finite_maps(maps: Tensor, where: str, what: str = "maps") -> None:
+    """Refuse NaN/Inf: min-max normalisation would spread them silently (a NaN min makes every value NaN)."""
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"{where}: {what} must be a Tensor, got {type(maps).__name__}")
+    if maps.dim() == 0:
+        raise ValueError(f"{where}: {what} must have shape (N, ...) (one map per sample), got a 0-dim tensor")
+    if maps.is_floating_point() or maps.is_complex():
+        if maps.is_complex():
+            raise TypeError(f"{where}: {what} are complex ({maps.dtype}); give real maps (e.g. .abs() or .real)")
+        bad = ~torch.isfinite(maps)
+        if bool(bad.any()):
+            rows = bad.reshape(maps.shape[0], -1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{where}: {what} contain NaN or Inf values (samples {rows[:10]}); clean them first "
+                "(e.g. torch.nan_to_num) or find the degenerate input that produced them"
+            )
+
+
 def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0) -> Tensor:
     r"""Min-max normalise each sample's map to ``[0, 1]``.
 
@@ -483,6 +503,13 @@ def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0
         tensor([[0., 1.],
                 [1., 1.]])
     """
+    _check_finite_maps(maps, "normalize_maps")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"normalize_maps: eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(constant_value, (int, float)) and not isinstance(constant_value, bool) and math.isfinite(constant_value)):
+        raise ValueError(f"normalize_maps: constant_value must be a finite number, got {constant_value!r}")
+    if maps.numel() == 0:  # an empty batch (or empty maps): nothing to normalise
+        return maps.clone()
     flat = maps.reshape(maps.shape[0], -1)
     lo = flat.amin(1, keepdim=True)
     hi = flat.amax(1, keepdim=True)
@@ -536,10 +563,13 @@ def fuse_maps(
     w: List[float] = [1.0] * len(maps) if weights is None else [float(v) for v in weights]
     if len(w) != len(maps):
         raise ValueError(f"got {len(w)} weights for {len(maps)} maps")
+    if not all(math.isfinite(v) for v in w):
+        raise ValueError(f"fuse_maps weights must be finite numbers, got {w}")
     if mode == "mean" and sum(w) <= 0:
         raise ValueError("weights for mode='mean' must have a positive sum")
     n = maps[0].shape[0]
-    for m in maps:
+    for i, m in enumerate(maps):
+        _check_finite_maps(m, "fuse_maps", f"map {i}")
         if m.dim() < 3 or m.shape[1] != 1 or m.shape[0] != n:
             raise ValueError(f"every map must have shape (N={n}, 1, *locations), got {tuple(m.shape)}")
     if size is None:

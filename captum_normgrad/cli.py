@@ -146,6 +146,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                                    note=None if args.quiet else _note)
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
+    if getattr(args, "grid", False) or getattr(args, "report", False):
+        from .viz import check_style
+
+        check_style(args.cmap, args.alpha)  # before any work
+        if not {"npy", "pt"} & set(formats):
+            formats.append("npy")  # the grid is drawn from the raw maps
     device = resolve_device(args.device)
     loaded = load_model(
         args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
@@ -179,6 +185,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     )
     for path, reason in report.skipped:
         print(f"{PROG}: warning: skipped {reason}", file=sys.stderr)
+    from .report import record_preprocessing
+
+    record_preprocessing(args.out, loaded)  # lets `report` and --grid place the maps on the original photos
+    if getattr(args, "grid", False):
+        from .report import load_explain_run, write_grids
+
+        grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+        print(f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
+              f"{Path(args.out) / 'grid__*.png'}")
+    if getattr(args, "report", False):
+        from .report import build_report
+
+        page = build_report(args.out, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+        print(f"report: {page} (open it in a browser; no network needed)")
     return EXIT_OK
 
 
@@ -236,6 +256,15 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     o.add_argument("--out", required=True, help="output folder (created)")
     o.add_argument("--save", default="png,npy", metavar="FORMATS",
                    help="comma-separated among png (overlay), npy, pt (raw maps)")
+    o.add_argument("--grid", action="store_true",
+                   help="also write grid__IMAGE.png per image: methods x layers over the original, uncropped "
+                   "image, with class name, probability and colour bars (publication figure)")
+    o.add_argument("--cmap", default="viridis",
+                   help="colour map of the --grid figures and the --report (any matplotlib name)")
+    o.add_argument("--alpha", type=float, default=0.55,
+                   help="opacity of the maps in the --grid figures and the --report")
+    o.add_argument("--report", action="store_true",
+                   help="also write the browsable HTML report OUT/report/index.html (see `captum-normgrad report`)")
     o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     o.add_argument("--batch-size", type=_positive_int, default=8, help="images per pass")
     o.add_argument("--no-recursive", action="store_true", help="do not look into sub-folders")
@@ -308,6 +337,54 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=_cmd_layers)
 
 
+# --------------------------------------------------------------------------- report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    page = build_report(args.run_folder, out=args.out, masks=args.masks, tolerance=args.tolerance,
+                        image_root=args.images, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet,
+                        max_images=args.max_images)
+    print(f"report: {page} (open it in a browser; the folder {page.parent} is self-contained, no network needed)")
+    return EXIT_OK
+
+
+def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad report RUN_FOLDER``: a browsable HTML report of an explain run."""
+    p = sub.add_parser(
+        "report",
+        help="browsable, self-contained HTML report of an explain or runner run (sort, filter, compare methods)",
+        description=(
+            "Write a static HTML report of the --out folder of `captum-normgrad explain` (or the output\n"
+            "folder of `captum-normgrad run`): every image x method x layer overlaid on the original\n"
+            "image, sortable and filterable, with a side-by-side comparison of two methods. With object\n"
+            "masks (--masks DIR, named like the images; a runner dataset's own masks) every map gets its\n"
+            "pointing hit and energy on the mask, and the summary the rates per method, layer and class.\n"
+            "The report folder needs no network: open index.html in a browser."
+        ),
+        epilog=(
+            "examples:\n"
+            "  captum-normgrad report maps\n"
+            "  captum-normgrad report maps --masks masks/ --out maps_report"
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("run_folder", metavar="RUN_FOLDER",
+                   help="the --out folder of captum-normgrad explain, or the output folder of captum-normgrad run")
+    p.add_argument("--out", default=None, help="report folder (default: RUN_FOLDER/report)")
+    p.add_argument("--masks", default=None, metavar="DIR",
+                   help="folder of object masks named like the images (any image format, non-zero = object)")
+    p.add_argument("--tolerance", type=float, default=15, help="pointing-game tolerance in model-input pixels")
+    p.add_argument("--images", default=None, metavar="DIR", help="folder of the original images, if moved")
+    p.add_argument("--cmap", default="viridis", help="colour map of the overlays (any matplotlib name)")
+    p.add_argument("--alpha", type=float, default=0.55, help="opacity of the maps over the images")
+    p.add_argument("--max-images", type=_positive_int, default=100,
+                   help="runner runs: report the first N samples (explain runs are reported whole)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_report)
+
+
 # --------------------------------------------------------------------------- run (captum_normgrad.runner)
 
 
@@ -324,6 +401,7 @@ SUBCOMMANDS: List[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]
     register_explain,
     register_layers,
     register_run,
+    register_report,
 ]
 
 

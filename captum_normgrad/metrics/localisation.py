@@ -17,6 +17,7 @@ falls inside the mask (or box).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,6 +52,13 @@ def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
         raise ValueError(f"{name} contain NaN or Inf values; clean them (e.g. torch.nan_to_num) first")
     return reduce_map_channels(maps.float() if not maps.is_floating_point() else maps, "sum")
+
+
+def _check_tolerance(tolerance: float) -> None:
+    # NaN compares False with everything: without the isfinite check ``tolerance=nan`` passed and
+    # made every sample a miss (``d2 < nan`` is False), a silent wrong score
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number >= 0 (pixels), got {tolerance!r}")
 
 
 def _check_masks(masks: Tensor, n: int) -> Tensor:
@@ -158,8 +166,7 @@ def pointing_game_hits(
     """
     m = _check_maps(maps)
     mk = _check_masks(masks, m.shape[0])
-    if not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ValueError(f"tolerance must be a number >= 0 (pixels), got {tolerance!r}")
+    _check_tolerance(tolerance)
     empty = (~mk.reshape(mk.shape[0], -1).any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
