@@ -60,14 +60,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from captum_normgrad import LayerNormGrad
+from captum_normgrad._layers import get_layers
+from captum_normgrad.registry import MethodEntry, get_method
 from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset, TwoObjectShapesDataset
 from captum_normgrad.metrics import energy_pointing_game, pointing_game, pointing_points
 from captum_normgrad.metrics.adapters import reduce_map_channels
@@ -96,59 +97,54 @@ CRITERIA = {
 # --------------------------------------------------------------------------- methods
 
 
-def _order1_class() -> type:
-    from captum_normgrad.normgrad_order1 import LayerNormGradOrder1  # lazy: the heaviest method
-
-    return LayerNormGradOrder1
-
-
-def _gradcam(model: nn.Module, layer: Any) -> Any:
-    from captum.attr import LayerGradCam
-
-    return LayerGradCam(model, layer)
-
-
-def _gxa(model: nn.Module, layer: Any) -> Any:
-    from captum.attr import LayerGradientXActivation
-
-    return LayerGradientXActivation(model, layer)
-
-
-def _normgrad(model: nn.Module, layer: Any) -> Any:
-    return LayerNormGrad(model, layer)
-
-
-def _order1(model: nn.Module, layer: Any) -> Any:
-    return _order1_class()(model, layer)
-
-
 _CE = nn.CrossEntropyLoss(reduction="none")
 
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method of the benchmark: factory ``build(model, layer)`` + ``attribute`` kwargs."""
+    """A configuration of the benchmark: a method of :mod:`captum_normgrad.registry` (which alone
+    says what the name computes) plus benchmark-specific ``attribute`` options.
+
+    ``key`` is the configuration's name in the results files (kept stable across releases);
+    ``method`` is the registry name. ``build(model, layer)`` constructs the registry entry's class.
+    """
 
     key: str
     label: str
-    build: Callable[[nn.Module, Any], Any]
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    multi_layer: bool = True  # accepts a list of layers (one pass for all blocks)
-    uses_epsilon: bool = False
+    method: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> MethodEntry:
+        return get_method(self.method)
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        return {**self.entry.defaults, **self.extra}
+
+    @property
+    def multi_layer(self) -> bool:  # accepts a list of layers (one pass for all blocks)
+        return self.entry.multi_layer
+
+    @property
+    def uses_epsilon(self) -> bool:
+        return self.entry.order == 1
+
+    def build(self, model: nn.Module, layer: Any) -> Any:
+        return self.entry.attribution_class()(model, layer)
 
 
 METHODS: Dict[str, Method] = {
     m.key: m
     for m in [
-        Method("gradcam", "Grad-CAM", _gradcam, {"relu_attributions": True}, multi_layer=False),
-        Method("gxa", "Gradient x activation", _gxa, {}, multi_layer=False),
-        Method("normgrad", "NormGrad (order 0)", _normgrad, {}),
-        Method("normgrad_ce", "NormGrad (order 0, CE loss)", _normgrad, {"loss_fn": _CE}),
-        Method("selective", "NormGrad selective", _normgrad, {"virtual_layer": "scaling", "aggregation": "filter_norm"}),
-        # one line per order-1 variant: (key, label, attribute kwargs)
-        Method("order1", "Order 1 (training)", _order1, {"compute_dtype": "auto"}, uses_epsilon=True),
-        Method("order1_adv", "Order 1 adversarial", _order1, {"adversarial": True, "compute_dtype": "auto"}, uses_epsilon=True),
-        Method("lookahead", "Lookahead (hessian='none')", _order1, {"hessian": "none", "compute_dtype": "auto"}, uses_epsilon=True),
+        Method("gradcam", "Grad-CAM", "gradcam_relu"),
+        Method("gxa", "Gradient x activation", "gradxact"),
+        Method("normgrad", "NormGrad (order 0)", "normgrad"),
+        Method("normgrad_ce", "NormGrad (order 0, CE loss)", "normgrad", {"loss_fn": _CE}),
+        Method("selective", "NormGrad selective", "normgrad_selective"),
+        Method("order1", "Order 1 (training)", "normgrad_order1", {"compute_dtype": "auto"}),
+        Method("order1_adv", "Order 1 adversarial", "normgrad_order1_adversarial", {"compute_dtype": "auto"}),
+        Method("lookahead", "Lookahead (hessian='none')", "normgrad_lookahead", {"compute_dtype": "auto"}),
     ]
 }
 
@@ -183,15 +179,12 @@ def compute_maps(
 ) -> Dict[str, Tensor]:
     """``{layer name: (N, 1, h, w) map}`` (channels summed) for every layer, in batches."""
     method = METHODS[key]
-    modules = dict(model.named_modules())
     kw = attribute_kwargs(key, eps)
     out: Dict[str, List[Tensor]] = {n: [] for n in layer_names}
+    bound = method.entry.build(model, get_layers(model, layer_names))
     for start in range(0, x.shape[0], batch):
         xs, ts = x[start : start + batch], target[start : start + batch]
-        if method.multi_layer:
-            res = method.build(model, [modules[n] for n in layer_names]).attribute(xs, target=ts, **kw)
-        else:
-            res = [method.build(model, modules[n]).attribute(xs, target=ts, **kw) for n in layer_names]
+        res = bound.attribute(xs, target=ts, **kw)
         for n, m in zip(layer_names, res):
             out[n].append(reduce_map_channels(m.detach().float(), "sum"))
     return {n: torch.cat(v) for n, v in out.items()}
@@ -449,7 +442,7 @@ def markdown(payload: Dict[str, Any], figures: Dict[str, List[str]]) -> str:
         if "pointing" in r:
             p = r["pointing"]
             L += [f"### {name}: pointing game (%), {p['n_images']} single-object images", "", f"| method | {head} |", sep]
-            L.append(f"| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
+            L.append("| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
             for cfg, row in p.items():
                 if isinstance(row, dict):
                     L.append(f"| {_label(cfg)} | " + " | ".join(_pct(row[b]) for b in blocks) + " |")

@@ -120,19 +120,30 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
 # --------------------------------------------------------------------------- explain
 
 
+def _note(text: str) -> None:
+    """A one-line note on stderr (not an error)."""
+    print(f"{PROG}: note: {text}", file=sys.stderr)
+
+
+def _input_size(loaded: "object", image_size: Optional[int]) -> int:
+    """The side of the images the model gets: --image-size, else the preprocessing's crop."""
+    if image_size:
+        return int(image_size)
+    crop = getattr(getattr(loaded, "preprocess", None), "crop_size", None)
+    return int(crop[0]) if crop else 224
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     # Cheap checks first (no torch import): missing files fail in a blink.
     from .io import find_images
 
     items = find_images(args.images, recursive=not args.no_recursive)
 
-    from .explain import METHODS, explain_files, resolve_device
+    from .explain import explain_method_names, explain_files, resolve_device
     from .io import CLIInputError, get_layer, load_model
 
-    methods = [m for v in (args.method or ["normgrad"]) for m in _comma_list(v)]
-    for m in methods:
-        if m not in METHODS:
-            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    methods = explain_method_names([m for v in (args.method or ["normgrad"]) for m in _comma_list(v)],
+                                   note=None if args.quiet else _note)
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
     if getattr(args, "grid", False) or getattr(args, "report", False):
@@ -146,16 +157,25 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
         normalize=not args.no_normalize,
     )
+    if layer_names == ["auto"]:
+        from ._layers import suggest_layers
+
+        layer_names = suggest_layers(loaded.model, _input_size(loaded, args.image_size))
+        if not args.quiet:
+            _note(f"--layer auto: {', '.join(layer_names)} (suggested layers: the end of each stage)")
+    elif "auto" in layer_names:
+        raise CLIInputError("--layer auto picks every layer itself: give it alone, or name the layers")
     layers = {name: get_layer(loaded.model, name) for name in layer_names}
     if not loaded.pretrained and not args.quiet:
-        print(f"{PROG}: note: {loaded.description}: maps of an untrained model carry little meaning "
-              "(pass --weights)", file=sys.stderr)
+        _note(f"{loaded.description}: maps of an untrained model carry little meaning (pass --weights)")
     options = {"epsilon": args.epsilon, "hessian": args.hessian,
                "virtual_layer": args.virtual_layer, "aggregation": args.aggregation}
+    layouts = [v for v in _comma_list(args.layout)]
     report = explain_files(
         items, loaded, layers, methods, args.out, target=args.target, batch_size=args.batch_size,
         device=device, formats=formats, options=options, progress=not args.quiet,
-        skip_unreadable=args.skip_unreadable,
+        skip_unreadable=args.skip_unreadable, layout=layouts[0] if len(layouts) == 1 else layouts,
+        note=None if args.quiet else _note,
     )
     per_img = report.seconds / max(report.n_images, 1)
     print(
@@ -184,9 +204,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``captum-normgrad explain``: saliency maps for image files with any classification model."""
-    from .explain import METHODS
+    from .registry import ALIASES, METHODS
 
-    method_help = "".join(f"  {m.name:<20} {m.summary}\n" for m in METHODS.values())
+    method_help = "".join(f"  {m.name:<28} {m.summary}\n" for m in METHODS.values() if not m.per_channel)
+    method_help += "  (deprecated names: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()) + ")\n"
     p = sub.add_parser(
         "explain",
         help="saliency maps for image files or folders with any torchvision (or your own) model",
@@ -203,6 +224,7 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
             "  captum-normgrad explain a.jpg b.jpg --model vgg16 --weights vgg16.pth --layer features.22 \\\n"
             "      --method normgrad,normgrad1,gradcam --target 281 --save png,pt --out maps\n"
             "  captum-normgrad explain imgs/ --model mypkg.nets:build_net --weights net.pt --layer block2 --out maps\n"
+            "  captum-normgrad explain photos/ --model swin_t --weights DEFAULT --layer auto --out maps\n"
             "  captum-normgrad layers --model resnet50      # the layer names to choose from"
         ),
         formatter_class=_HelpFormatter,
@@ -211,8 +233,12 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     _add_model_args(p)
     g = p.add_argument_group("explanation")
     g.add_argument("--layer", action="append", required=True, metavar="NAME[,NAME...]",
-                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate); "
-                   "see `captum-normgrad layers --model ...`")
+                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate), "
+                   "or auto: the end of each stage (see `captum-normgrad layers --suggest MODEL`)")
+    g.add_argument("--layout", default="auto", metavar="LAYOUT[,LAYOUT...]",
+                   help="layout of the layers' outputs: auto (guessed from the shape), channels_first "
+                   "(N, C, H, W), channels_last (N, H, W, C: Swin) or tokens (N, T, C: ViT; the class token "
+                   "is dropped and the patch grid restored); one for all layers or one per layer")
     g.add_argument("--method", action="append", default=None, metavar="METHOD[,METHOD...]",
                    help="method(s) among those listed above (repeat or comma-separate); default: normgrad")
     g.add_argument("--target", default="pred",
@@ -254,14 +280,24 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
 def _cmd_layers(args: argparse.Namespace) -> int:
     import torch
 
-    from .io import layer_names, load_model
+    from .io import CLIInputError, layer_names, load_model
 
-    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+    spec = args.suggest if isinstance(args.suggest, str) else args.model
+    if spec is None:
+        raise CLIInputError("give the model: --model NAME (or --suggest NAME)")
+    if isinstance(args.suggest, str) and args.model is not None and args.model != args.suggest:
+        raise CLIInputError(f"two models given (--model {args.model}, --suggest {args.suggest}): give one")
+    loaded = load_model(spec, weights=args.weights, num_classes=args.num_classes,
                         image_size=args.image_size, normalize=not args.no_normalize)
     model = loaded.model
+    size = _input_size(loaded, args.image_size)
+    names = layer_names(model)
+    if args.suggest:
+        from ._layers import suggest_layers
+
+        names = suggest_layers(model, size)
     shapes = {}
     if not args.no_shapes:
-        size = args.image_size or loaded.preprocess.crop_size[0]
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o))
                  for n, m in model.named_modules() if n]
         try:
@@ -270,11 +306,14 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         finally:
             for h in hooks:
                 h.remove()
-    for name in layer_names(model):
-        mod = dict(model.named_modules())[name]
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules[name]
         out = shapes.get(name)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ("-" if out is None else type(out).__name__)
         print(f"{name}\t{type(mod).__name__}\t{shape}" if not args.no_shapes else f"{name}\t{type(mod).__name__}")
+    if args.suggest and sys.stdout.isatty():
+        print(f"# explain with: --layer {','.join(names)}   (or --layer auto)")
     return EXIT_OK
 
 
@@ -282,13 +321,18 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """``captum-normgrad layers``: the layer names of a model, with output shapes."""
     p = sub.add_parser(
         "layers",
-        help="list a model's layer names (for --layer) with their output shapes",
+        help="list a model's layer names (for --layer) with their output shapes, or suggest some",
         description="Print every submodule of the model as NAME<tab>TYPE<tab>OUTPUT SHAPE (one forward pass "
-        "on a blank image of the preprocessing size).",
-        epilog="example:\n  captum-normgrad layers --model resnet50 | grep -v '\\.'",
+        "on a blank image of the preprocessing size). With --suggest, print only the layers worth explaining: "
+        "the end of each stage (where the feature grid shrinks; evenly spaced encoder blocks for a vision "
+        "transformer), the ones `explain --layer auto` uses.",
+        epilog="examples:\n  captum-normgrad layers --model resnet50 | grep -v '\\.'\n"
+        "  captum-normgrad layers --suggest resnet50",
         formatter_class=_HelpFormatter,
     )
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--suggest", nargs="?", const=True, default=None, metavar="MODEL",
+                   help="print only the suggested layers (the end of each stage) of MODEL (or of --model)")
     p.add_argument("--no-shapes", action="store_true", help="skip the forward pass; names and types only")
     p.set_defaults(func=_cmd_layers)
 
@@ -398,6 +442,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(os.environ.get("CAPTUM_NORMGRAD_DEBUG"))
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    if not debug:  # warnings as one line each, like the errors
+        warnings.formatwarning = lambda message, category, *a, **k: (  # type: ignore[assignment]
+            f"{PROG} {args.command}: warning: {' '.join(str(message).split())}\n"
+        )
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -417,6 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,13 @@ from torch import Tensor, nn
 
 __all__ = ["DEMO_METHODS", "DemoResult", "compute_demo", "energy_shares", "plot_figure1", "run_demo"]
 
-#: (registry name in :data:`captum_normgrad.explain.METHODS`, row label) of the figure's rows.
+#: (name in :data:`captum_normgrad.registry.METHODS`, row label) of the figure's rows. Grad-CAM is
+#: the paper's, with the ReLU (``gradcam_relu``).
 DEMO_METHODS: Tuple[Tuple[str, str], ...] = (
-    ("gradcam", "Grad-CAM"),
+    ("gradcam_relu", "Grad-CAM"),
     ("normgrad", "NormGrad order 0"),
-    ("normgrad1", "NormGrad order 1"),
-    ("normgrad1-adv", "order 1, adversarial"),
+    ("normgrad_order1", "NormGrad order 1"),
+    ("normgrad_order1_adversarial", "order 1, adversarial"),
 )
 
 
@@ -71,34 +72,8 @@ class DemoResult:
     seconds: float
 
 
-def _fallback_model() -> Tuple[nn.Module, Dict[str, nn.Module], str, bool]:
-    """A small random CNN, for an installation without :mod:`captum_normgrad.models`."""
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2) if i else nn.Identity())
-              for i, (cin, cout) in enumerate([(3, 16), (16, 32), (32, 64), (64, 64)])]
-    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 6)).eval()
-    layers = {f"block{i + 1}": model[i] for i in range(4)}
-    return model, layers, "small random CNN (captum_normgrad.models is not installed): maps not meaningful", False
-
-
-def _fallback_images(n: int, seed: int, size: int = 64) -> Tuple[Tensor, Tensor, Tensor, List[str]]:
-    """Two coloured squares on noise, for an installation without :mod:`captum_normgrad.datasets`."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, size, size, generator=g) * 0.3
-    masks = torch.zeros(n, 2, size, size, dtype=torch.bool)
-    masks[:, 0, 8:28, 8:28] = True
-    masks[:, 1, 36:56, 36:56] = True
-    images[:, 0][masks[:, 0]] = 1.0
-    images[:, 2][masks[:, 1]] = 1.0
-    names = [f"class{i}" for i in range(6)]
-    return images, torch.tensor([[0, 1]] * n), masks, names
-
-
 def _load_model(name: str) -> Tuple[nn.Module, Dict[str, nn.Module], str, bool]:
-    try:
-        from .models import benchmark_layers, build_benchmark_model, load_benchmark_model
-    except ImportError:
-        return _fallback_model()
+    from .models import benchmark_layers, build_benchmark_model, load_benchmark_model
 
     try:
         model = load_benchmark_model(name)
@@ -141,7 +116,7 @@ def compute_demo(
     Args:
         num_images (int, optional): two-object images to average the shares over. Default: 8
         model_name (str, optional): benchmark model, ``"vgg"`` or ``"resnet"``. Default: ``"vgg"``
-        methods (sequence of str, optional): names in :data:`captum_normgrad.explain.METHODS`.
+        methods (sequence of str, optional): names in :data:`captum_normgrad.registry.METHODS`.
                     Default: the four rows of Figure 1
         seed (int, optional): seed of the generated images (2 is the test split). Default: 2
 
@@ -152,13 +127,10 @@ def compute_demo(
 
     t0 = time.perf_counter()
     model, layers, note, trained = _load_model(model_name)
-    try:
-        from .datasets import CLASS_NAMES, TwoObjectShapesDataset
+    from .datasets import CLASS_NAMES, TwoObjectShapesDataset
 
-        images, labels, masks = TwoObjectShapesDataset(num_images, seed=seed).tensors()
-        class_names = list(CLASS_NAMES)
-    except ImportError:
-        images, labels, masks, class_names = _fallback_images(num_images, seed)
+    images, labels, masks = TwoObjectShapesDataset(num_images, seed=seed).tensors()
+    class_names = list(CLASS_NAMES)
     with torch.no_grad():
         probs = model(images).softmax(1)
     # explain the more probable of the two objects (the paper's "tiger cat"), contrast with the other
