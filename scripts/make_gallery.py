@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = {"gradcam": "Grad-CAM", "normgrad": "NormGrad order 0", "normgrad1": "NormGrad order 1"}
+ROWS = {"gradcam_relu": "Grad-CAM", "normgrad": "NormGrad order 0", "normgrad_order1": "NormGrad order 1"}
 
 
 def _trained(name: str):
@@ -86,7 +86,7 @@ def two_objects(out: Path) -> Path:
     with torch.no_grad():
         p = model(x[:1]).softmax(1)[0]
     caps = [f"explaining {CLASS_NAMES[int(c)]} (p={float(p[c]):.2f})" for c in y]
-    maps = _maps(model, layers, x, y, {"normgrad": "NormGrad order 0", "normgrad1": "NormGrad order 1"})
+    maps = _maps(model, layers, x, y, {"normgrad": "NormGrad order 0", "normgrad_order1": "NormGrad order 1"})
     fig = plot_comparison_grid(x, maps, captions=caps,
                                title="Benchmark ResNet (trained): one image with two objects, each class explained")
     return Path(save_figure(fig, out / "gallery-two-objects.png", dpi=110))
