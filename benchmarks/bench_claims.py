@@ -9,7 +9,7 @@ pointing
     Pointing game on single-object images, TorchRay protocol: the map is upsampled (bilinear) to
     the 64 x 64 image, its argmax is the point, a hit when a mask pixel of the explained object
     lies *strictly* closer than ``--tolerance`` pixels; the score is the mean over classes of
-    the per-class hit rate (``captum_normgrad.metrics.pointing_game``). TorchRay's 15 px are
+    the per-class hit rate (``captum_normgrad.evaluation.pointing_game``). TorchRay's 15 px are
     measured on the original PASCAL VOC / COCO images (about 450 px on a side), i.e. about 3.3%
     of the image side; 3.3% of 64 px is 2.1 px, so the tolerance here is **2 px**. Explained
     class: the ground truth. A *centre* baseline (always point at the image centre) is
@@ -23,12 +23,12 @@ selectivity
     argmax pixel lies inside the explained / the other object's mask (tolerance 0: the objects
     can be 3 px apart).
 sensitivity
-    Class sensitivity (``captum_normgrad.sanity.class_sensitivity``): Spearman rho between the
+    Class sensitivity (``captum_normgrad.evaluation.class_sensitivity``): Spearman rho between the
     maps of the most and the least probable class, at the layer's resolution, signed maps as they
     are; lower is more class-sensitive.
 randomization
     Model parameter randomization at full cascade
-    (``captum_normgrad.sanity.model_parameter_randomization`` with every parameterised module
+    (``captum_normgrad.evaluation.model_parameter_randomization`` with every parameterised module
     re-initialised): Spearman rho of the absolute maps (99th-percentile clipped) and SSIM between
     the trained model's map and the fully randomised model's map, each explaining its own argmax
     class; lower means the map depends on what the model learned (passes the sanity check).
@@ -70,10 +70,10 @@ from tqdm import tqdm
 from captum_normgrad._layers import get_layers
 from captum_normgrad.registry import MethodEntry, get_method
 from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset, TwoObjectShapesDataset
-from captum_normgrad.metrics import energy_pointing_game, pointing_game, pointing_points
-from captum_normgrad.metrics.adapters import reduce_map_channels
+from captum_normgrad._maps import reduce_map_channels
+from captum_normgrad.evaluation import energy_pointing_game, pointing_game, pointing_points
 from captum_normgrad.models import BENCHMARK_MODELS, benchmark_layers, load_benchmark_model
-from captum_normgrad.sanity import class_sensitivity, model_parameter_randomization, spearman_rho
+from captum_normgrad.evaluation import class_sensitivity, model_parameter_randomization, spearman_rho
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (5e-4, 5e-3, 5e-2)

@@ -50,7 +50,7 @@ from _timing import environment, markdown_table, publish  # noqa: E402
 from captum_normgrad import LayerNormGrad, LayerNormGradOrder1  # noqa: E402
 from captum_normgrad._functional import PerSampleModel, per_example_flags  # noqa: E402
 from captum_normgrad.datasets import ShapesDataset, TwoObjectShapesDataset  # noqa: E402
-from captum_normgrad.metrics import energy_pointing_game  # noqa: E402
+from captum_normgrad.evaluation import energy_pointing_game  # noqa: E402
 from captum_normgrad.models import BENCHMARK_MODELS, benchmark_layers, load_benchmark_model  # noqa: E402
 from captum_normgrad.normgrad_order1 import per_sample_cross_entropy  # noqa: E402
 

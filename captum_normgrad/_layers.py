@@ -26,6 +26,7 @@ __all__ = [
     "layer_aliases",
     "get_layer",
     "get_layers",
+    "module_by_name",
     "suggest_layers",
     "layout_of",
 ]
@@ -93,6 +94,27 @@ def get_layer(model: "nn.Module", name: str) -> "nn.Module":
     if deeper:
         msg += f" (and {deeper} deeper names: `captum-normgrad layers` lists them all)"
     raise UnknownLayerError(msg)
+
+
+def module_by_name(model: "nn.Module", name: str) -> "nn.Module":
+    r"""Like :func:`get_layer`, and ``""`` is the (unwrapped) model itself.
+
+    Layers are looked up by name, never kept as objects, wherever the model may be a deep copy
+    (sanity checks, Quantus): the name resolves to the copy's own module.
+
+    Examples::
+
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        >>> module_by_name(net, "0")
+        Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1))
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module to look layers up by name, got {type(model).__name__}")
+    if name == "":
+        return unwrap_model(model)
+    return get_layer(model, name)
 
 
 def get_layers(model: "nn.Module", names: Sequence[str]) -> List["nn.Module"]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ __all__ = [
     "accumulate_to_input",
     "normalize_maps",
     "fuse_maps",
+    "channel_terms",
+    "reduce_map_channels",
+    "resize_maps",
 ]
 
 VIRTUAL_LAYERS: Tuple[str, ...] = ("conv1x1", "scaling", "bias", "conv3x3")
@@ -589,3 +592,79 @@ def fuse_maps(
         for wi, u in zip(w, ups):
             out = out * (u.clamp(min=0) ** wi if mode == "power" else u)
     return out
+
+
+# --------------------------------------------------------------------------- channels and sizes
+
+_LINEAR_MODES = ("linear", "bilinear", "trilinear")
+
+
+def reduce_map_channels(maps: Tensor, reduce_channels: Optional[str] = "sum") -> Tensor:
+    r"""Reduce a layer map ``(N, C, *L)`` to one channel ``(N, 1, *L)``.
+
+    Maps that already have one channel are returned unchanged.
+
+    Args:
+        maps (Tensor): ``(N, C, *L)``.
+        reduce_channels (str or None, optional): ``"sum"`` (what Grad-CAM does with its weighted
+                    activations; for ``LayerGradientXActivation`` it gives gradient x activation
+                    summed over channels), ``"mean"``, or ``None`` to raise when ``C > 1``.
+                    Default: ``"sum"``
+
+    Returns:
+        Tensor: ``(N, 1, *L)``.
+
+    Examples::
+
+        >>> reduce_map_channels(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"maps must be a Tensor, got {type(maps).__name__}")
+    if maps.dim() < 2:
+        raise ValueError(f"maps of shape {tuple(maps.shape)} have no channel dim; expected (N, C, *locations)")
+    if maps.shape[1] == 1:
+        return maps
+    if reduce_channels == "sum":
+        return maps.sum(1, keepdim=True)
+    if reduce_channels == "mean":
+        return maps.mean(1, keepdim=True)
+    if reduce_channels is None:
+        raise ValueError(
+            f"maps have {maps.shape[1]} channels; pass reduce_channels='sum' or 'mean' to reduce them to one"
+        )
+    raise ValueError(f"unknown reduce_channels {reduce_channels!r}; choose 'sum', 'mean' or None")
+
+
+def _interp_mode(mode: str, n_spatial: int) -> str:
+    if mode in _LINEAR_MODES:
+        return _LINEAR_MODES[n_spatial - 1] if 1 <= n_spatial <= 3 else mode
+    return mode
+
+
+def resize_maps(maps: Tensor, size: Sequence[int], interpolate_mode: str = "bilinear") -> Tensor:
+    r"""Interpolate ``(N, C, *L)`` maps to ``size`` (returned unchanged when already that size).
+
+    Linear-family modes are adapted to the number of location dims and use
+    ``align_corners=False`` (the TorchRay and Captum convention).
+
+    Args:
+        maps (Tensor): ``(N, C, *L)`` maps.
+        size (sequence of int): target locations ``*S``.
+        interpolate_mode (str, optional): ``F.interpolate`` mode. Default: ``"bilinear"``
+
+    Returns:
+        Tensor: ``(N, C, *S)``.
+
+    Examples::
+
+        >>> resize_maps(torch.ones(2, 1, 4, 4), (16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[2:]) == size:
+        return maps
+    mode = _interp_mode(interpolate_mode, len(size))
+    kw: Dict[str, Any] = {"align_corners": False} if mode in _LINEAR_MODES + ("bicubic",) else {}
+    src = maps if maps.is_floating_point() else maps.float()
+    return F.interpolate(src, size=size, mode=mode, **kw)

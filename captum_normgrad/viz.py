@@ -4,7 +4,7 @@ r"""Figures built on :mod:`captum.attr.visualization`, drawn headless (Agg) and 
 * :func:`plot_attribution_grid` draws them as a grid of methods (rows) x layers (columns) over the
   image, the layout of Figure 1 of the NormGrad paper (first column: the image);
 * :func:`plot_randomization` and :func:`plot_randomization_maps` draw the results of
-  :func:`captum_normgrad.sanity.model_parameter_randomization`.
+  :func:`captum_normgrad.evaluation.model_parameter_randomization`.
 
 This is the only module of the package that imports matplotlib. Figures are created with
 :class:`matplotlib.figure.Figure` and an Agg canvas, never through ``pyplot``, so they work without
@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .metrics.adapters import module_by_name, reduce_map_channels, resize_maps
+from ._layers import module_by_name
+from ._maps import reduce_map_channels, resize_maps
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .sanity import RandomizationResult
+    from .evaluation.sanity import RandomizationResult
 
 __all__ = [
     "unnormalize",
@@ -732,7 +733,7 @@ def plot_randomization(
     r"""Similarity to the original map vs randomised depth (mean over samples, with min-max band).
 
     Args:
-        result (RandomizationResult): from :func:`captum_normgrad.sanity.model_parameter_randomization`.
+        result (RandomizationResult): from :func:`captum_normgrad.evaluation.model_parameter_randomization`.
         path (str or PathLike, optional): write the figure there (PNG). Default: None
         measures (sequence of str, optional): measures to draw; all four when None. Default: None
         dpi (int, optional): resolution. Default: 100
@@ -783,7 +784,7 @@ def plot_randomization_maps(
 ) -> "Figure":
     r"""The original map and the map after each randomisation step, for one sample.
 
-    Maps are shown as ``[0, 1]`` absolute maps (:func:`captum_normgrad.sanity.normalize_abs`).
+    Maps are shown as ``[0, 1]`` absolute maps (:func:`captum_normgrad.evaluation.normalize_abs`).
 
     Args:
         result (RandomizationResult): a result computed with ``keep_maps=True``.
@@ -799,7 +800,7 @@ def plot_randomization_maps(
 
         >>> plot_randomization_maps(res, "out/mprt_maps.png")
     """
-    from .sanity import normalize_abs
+    from .evaluation.similarity import normalize_abs
 
     if result.original_maps is None or result.randomized_maps is None:
         raise ValueError("the result has no maps; run model_parameter_randomization with keep_maps=True")

@@ -113,9 +113,18 @@ def _public_modules() -> List[str]:
 
     import captum_normgrad
 
+    import importlib.util
+
+    def deprecated_alias(name: str) -> bool:
+        """Moved modules' shims (their docstring opens with "Deprecated location"): not API."""
+        spec = importlib.util.find_spec(name)
+        origin = getattr(spec, "origin", None)
+        return bool(origin) and Path(origin).read_text().lstrip('r"\n').startswith("Deprecated location")
+
     return ["captum_normgrad"] + sorted(
-        m.name for m in pkgutil.walk_packages(captum_normgrad.__path__, "captum_normgrad.")
-        if not any(part.startswith("_") for part in m.name.split(".")[1:])
+        m.name for m in pkgutil.walk_packages(captum_normgrad.__path__, "captum_normgrad.",
+                                              onerror=lambda name: None)
+        if not any(part.startswith("_") for part in m.name.split(".")[1:]) and not deprecated_alias(m.name)
     )
 
 

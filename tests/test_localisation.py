@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
-from captum_normgrad.metrics import (
+from captum_normgrad.evaluation import (
     boxes_to_masks,
     energy_pointing_game,
     pointing_accuracy,

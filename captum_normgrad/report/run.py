@@ -284,8 +284,8 @@ def _read_mask(path: Path) -> np.ndarray:
 def score_map(heat: np.ndarray, mask: np.ndarray, tolerance: float = 15) -> Dict[str, Any]:
     r"""Pointing hit and energy on the mask of one map, the mask at the model input's resolution.
 
-    :func:`captum_normgrad.metrics.pointing_game_hits` and
-    :func:`captum_normgrad.metrics.energy_pointing_game` (positive mass, ``negative="clip"``).
+    :func:`captum_normgrad.evaluation.pointing_game_hits` and
+    :func:`captum_normgrad.evaluation.energy_pointing_game` (positive mass, ``negative="clip"``).
 
     Args:
         heat (ndarray): ``(h, w)`` map.
@@ -297,7 +297,7 @@ def score_map(heat: np.ndarray, mask: np.ndarray, tolerance: float = 15) -> Dict
     """
     import torch
 
-    from ..metrics.localisation import energy_pointing_game, pointing_game_hits
+    from ..evaluation.localisation import energy_pointing_game, pointing_game_hits
 
     m = torch.as_tensor(np.asarray(heat, dtype=np.float64))[None, None]
     t = torch.as_tensor(np.asarray(mask, dtype=bool))[None]
@@ -313,8 +313,8 @@ def score_run(
     r"""Pointing hit and energy on the mask of every map of a run, from its raw maps and mask files.
 
     The mask of the original image goes through the run's preprocessing geometry
-    (:func:`mask_to_model_input`), then :func:`captum_normgrad.metrics.pointing_game_hits` and
-    :func:`captum_normgrad.metrics.energy_pointing_game` (positive mass, ``negative="clip"``) score
+    (:func:`mask_to_model_input`), then :func:`captum_normgrad.evaluation.pointing_game_hits` and
+    :func:`captum_normgrad.evaluation.energy_pointing_game` (positive mass, ``negative="clip"``) score
     the map against it at the model input's resolution.
 
     Args:
