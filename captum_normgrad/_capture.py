@@ -151,9 +151,7 @@ def check_inputs(inputs: Tuple[Any, ...]) -> None:
                 f"inputs[{i}] is a 0-dim tensor; inputs need a batch dim 0 (use x.unsqueeze(0) for one example)"
             )
         if t.shape[0] == 0:
-            raise ValueError(
-                f"inputs[{i}] has an empty batch (shape {tuple(t.shape)}); pass at least one example"
-            )
+            raise ValueError(f"inputs[{i}] has an empty batch (shape {tuple(t.shape)}); pass at least one example")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"inputs[{i}] contains NaN or Inf values; attributions of non-finite inputs are "
@@ -264,20 +262,22 @@ def grad_options(grad_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 class _Recorder:
     """Forward hooks that record every call of the hooked layers, per device (thread-safe)."""
 
-    def __init__(self, model: Optional[Module], layers: Sequence[Module], wheres: Sequence[str], keep_graph: bool) -> None:
+    def __init__(
+        self, model: Optional[Module], layers: Sequence[Module], wheres: Sequence[str], keep_graph: bool
+    ) -> None:
         self.model = model
         self.layers = list(layers)
         self.wheres = list(wheres)
         self.keep_graph = keep_graph
         self.lock = threading.Lock()
         # per layer, per device: list over calls of (saved activations, tensors to differentiate)
-        self.calls: List[Dict[torch.device, List[Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]]] = [
-            {} for _ in layers
-        ]
+        self.calls: List[Dict[torch.device, List[Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]]] = [{} for _ in layers]
 
     def _grad_ready(self, t: Any, li: int) -> Tensor:
         if not isinstance(t, Tensor):
-            raise TypeError(f"layer {_layer_name(self.model, self.layers[li])} produced a {type(t).__name__}, not a tensor")
+            raise TypeError(
+                f"layer {_layer_name(self.model, self.layers[li])} produced a {type(t).__name__}, not a tensor"
+            )
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError(
                 f"layer {_layer_name(self.model, self.layers[li])} produced a tensor of dtype {t.dtype}; gradients "
@@ -428,7 +428,9 @@ def capture(
     wheres = [where] * len(layers) if isinstance(where, str) else list(where)
     if len(wheres) != len(layers):
         raise ValueError("one 'where' per layer is needed")
-    calls = list(layer_call) if isinstance(layer_call, (list, tuple)) else [layer_call] * len(layers)
+    calls: List[Optional[int]] = (
+        list(layer_call) if isinstance(layer_call, (list, tuple)) else [layer_call] * len(layers)  # type: ignore[list-item]
+    )
     for c in calls:
         check_layer_call(c)
     gkw = grad_options(grad_kwargs)
@@ -445,9 +447,7 @@ def capture(
         chosen = rec.selected(calls, keys)
         objective = select_objective(output, target, loss_fn)
         diff_all = tuple(t for per_dev in chosen for _, diff in per_dev for t in diff)
-        grads = torch.autograd.grad(
-            outputs=objective, inputs=diff_all, grad_outputs=torch.ones_like(objective), **gkw
-        )
+        grads = torch.autograd.grad(outputs=objective, inputs=diff_all, grad_outputs=torch.ones_like(objective), **gkw)
 
     results: List[LayerCapture] = []
     offset = 0

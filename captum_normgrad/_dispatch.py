@@ -7,7 +7,7 @@ convolution's geometry; all arithmetic is delegated to :mod:`captum_normgrad._ma
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -165,11 +165,19 @@ def layer_map(
     activation, gradient = _upcast(activation), _upcast(gradient)
     if not summed:
         return _maps.channel_terms(
-            channels_to_dim1(activation, channel_dim), channels_to_dim1(gradient, channel_dim), virtual_layer, aggregation  # type: ignore[arg-type]
+            channels_to_dim1(activation, channel_dim),
+            channels_to_dim1(gradient, channel_dim),
+            virtual_layer,
+            aggregation,  # type: ignore[arg-type]
         )
     if virtual_layer == "weights":
         if isinstance(layer, nn.Linear):
-            return _maps.weights_map(channels_to_dim1(activation, -1), channels_to_dim1(gradient, -1), None, aggregation)  # type: ignore[arg-type]
+            return _maps.weights_map(
+                channels_to_dim1(activation, -1),
+                channels_to_dim1(gradient, -1),
+                None,
+                aggregation,  # type: ignore[arg-type]
+            )
         geom = _maps.ConvGeometry.from_module(layer)  # type: ignore[arg-type]
         return _maps.weights_map(activation, gradient, geom, aggregation, weights_grid)  # type: ignore[arg-type]
     x = channels_to_dim1(activation, channel_dim)
@@ -189,7 +197,11 @@ def maps_for_layer(
 ) -> Tuple[Tensor, ...]:
     """Maps for every tensor of a layer (layers may return tuples)."""
     if virtual_layer == "weights":
-        return (layer_map(layer, activations[0], gradients[0], virtual_layer, aggregation, weights_grid, channel_dim, summed),)
+        return (
+            layer_map(
+                layer, activations[0], gradients[0], virtual_layer, aggregation, weights_grid, channel_dim, summed
+            ),
+        )
     return tuple(
         layer_map(layer, a, g, virtual_layer, aggregation, weights_grid, channel_dim, summed)
         for a, g in zip(activations, gradients)

@@ -61,8 +61,7 @@ def per_example_flags(extra: Sequence[Any], n: int, override: Optional[Sequence[
         flags = tuple(override)
         if len(flags) != len(extra) or not all(isinstance(f, bool) for f in flags):
             raise ValueError(
-                f"per_example_args must hold one bool per additional forward argument ({len(extra)}), "
-                f"got {override!r}"
+                f"per_example_args must hold one bool per additional forward argument ({len(extra)}), got {override!r}"
             )
         for i, (e, f) in enumerate(zip(extra, flags)):
             if f and not (isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == n):
@@ -246,9 +245,11 @@ class PerSampleModel:
         self._calls = [0] * len(self.layers)
         try:
             with torch.no_grad():
-                self.forward(self.trainable, tuple(t[0] for t in x), tuple(
-                    e[0] if b else e for e, b in zip(extra, self.batched_extra)
-                ))
+                self.forward(
+                    self.trainable,
+                    tuple(t[0] for t in x),
+                    tuple(e[0] if b else e for e, b in zip(extra, self.batched_extra)),
+                )
         finally:
             self._probing = False
         for i, layer in enumerate(self.layers):
@@ -264,7 +265,9 @@ class PerSampleModel:
     def _extra_dims(self) -> Tuple[Optional[int], ...]:
         return tuple(0 if b else None for b in self.batched_extra)
 
-    def _sample(self, xs: Tuple[Tensor, ...], es: Tuple[Any, ...], i: int) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
+    def _sample(
+        self, xs: Tuple[Tensor, ...], es: Tuple[Any, ...], i: int
+    ) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
         return tuple(t[i] for t in xs), tuple(e[i] if b else e for e, b in zip(es, self.batched_extra))
 
     # ------------------------------------------------------- batched passes
@@ -275,7 +278,9 @@ class PerSampleModel:
         also the losses ``(N,)`` and the outputs ``(N, *out)``."""
         if self.strategy == "vmap":
 
-            def f(p: Params, xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+            def f(
+                p: Params, xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
+            ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
                 loss, _, out = self.loss(p, None, xi, ti, ei)
                 return loss, (loss.detach(), out.detach()[0])
 
@@ -364,7 +369,9 @@ class PerSampleModel:
         """Exact directional derivative of the activation gradients along ``tangent``
         (forward-over-reverse). ``params`` is shared (unbatched); ``tangent`` has a leading sample dim."""
 
-        def act_grad(p: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]) -> Tuple[Tensor, ...]:
+        def act_grad(
+            p: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
+        ) -> Tuple[Tensor, ...]:
             return grad(lambda dd: self.loss(p, dd, xi, ti, ei)[0])(d)
 
         def one(
@@ -374,7 +381,7 @@ class PerSampleModel:
                 # torch's forward-mode rules script a helper on first use and warn that
                 # torch.jit.script is deprecated: an internal detail, not the caller's concern
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-                _, dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))
+                dg = jvp(lambda p: act_grad(p, d, xi, ti, ei), (params,), (tv,))[1]
             return dg
 
         if self.strategy == "vmap":
@@ -392,7 +399,13 @@ class PerSampleModel:
         return tuple(torch.stack(o) for o in outs)
 
     def _jvp_autograd(
-        self, params: Params, tangent: Params, d: Tuple[Tensor, ...], xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...]
+        self,
+        params: Params,
+        tangent: Params,
+        d: Tuple[Tensor, ...],
+        xi: Tuple[Tensor, ...],
+        ti: Tensor,
+        ei: Tuple[Any, ...],
     ) -> Tuple[Tensor, ...]:
         """One example's exact ``J v`` with plain autograd (the double-vjp trick), hook-friendly:
         ``s = J^T w`` with a dummy ``w``, then ``J v = d(s . v)/dw``."""

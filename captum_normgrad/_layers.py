@@ -78,7 +78,7 @@ def get_layer(model: "nn.Module", name: str) -> "nn.Module":
     modules = dict(inner.named_modules())
     key = name
     while key.startswith("module.") and key not in modules and inner is not model:
-        key = key[len("module."):]
+        key = key[len("module.") :]
     key = layer_aliases(inner).get(key, key)
     if key and key in modules:
         return modules[key]
@@ -261,8 +261,10 @@ def suggest_layers(model: "nn.Module", image_size: int = 224, max_layers: int = 
         name = e
         while "." in name:
             parent = name.rsplit(".", 1)[0]
-            if parent in outputs and outputs[parent].shape == outputs[name].shape and torch.equal(
-                outputs[parent], outputs[name]
+            if (
+                parent in outputs
+                and outputs[parent].shape == outputs[name].shape
+                and torch.equal(outputs[parent], outputs[name])
             ):
                 name = parent
             else:

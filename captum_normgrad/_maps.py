@@ -31,9 +31,8 @@ the groups and maxima are taken over the groups.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +81,7 @@ def _sqrt0(t: Tensor) -> Tensor:
 
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"unknown aggregation {aggregation!r}; choose one of {', '.join(map(repr, AGGREGATIONS))}"
-        )
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(map(repr, AGGREGATIONS))}")
 
 
 def _channel_stats(t: Tensor, groups: int, aggregation: str) -> Dict[str, Tensor]:
@@ -121,9 +118,7 @@ def _combine(a: Dict[str, Tensor], b: Dict[str, Tensor], aggregation: str) -> Te
     if aggregation == "sum":
         return (a["sum"] * b["sum"]).sum(1, keepdim=True)
     # max over every entry a_i b_j of every diagonal block
-    cands = torch.stack(
-        [a["max"] * b["max"], a["max"] * b["min"], a["min"] * b["max"], a["min"] * b["min"]]
-    )
+    cands = torch.stack([a["max"] * b["max"], a["max"] * b["min"], a["min"] * b["max"], a["min"] * b["min"]])
     return cands.amax(0).amax(1, keepdim=True)
 
 
@@ -292,7 +287,7 @@ def _pad_adjoint(t: Tensor, geom: ConvGeometry, in_shape: Sequence[int]) -> Tens
         return t[tuple(slices)]
     zeros = torch.zeros(tuple(in_shape), dtype=t.dtype, device=t.device)
     with torch.enable_grad():
-        _, vjp_fn = torch.func.vjp(lambda z: F.pad(z, list(geom.pad), mode=geom.padding_mode), zeros)
+        vjp_fn = torch.func.vjp(lambda z: F.pad(z, list(geom.pad), mode=geom.padding_mode), zeros)[1]
         return vjp_fn(t)[0]
 
 
@@ -310,8 +305,10 @@ def accumulate_to_input(m: Tensor, geom: ConvGeometry, in_shape: Sequence[int]) 
     Returns:
         Tensor: map on the input grid, shape ``(N, 1, *L_in)``.
     """
-    padded = [in_shape[2 + d] + geom.pad[2 * (geom.ndim - 1 - d)] + geom.pad[2 * (geom.ndim - 1 - d) + 1]
-              for d in range(geom.ndim)]
+    padded = [
+        in_shape[2 + d] + geom.pad[2 * (geom.ndim - 1 - d)] + geom.pad[2 * (geom.ndim - 1 - d) + 1]
+        for d in range(geom.ndim)
+    ]
     out_pad = []
     for d in range(geom.ndim):
         covered = (m.shape[2 + d] - 1) * geom.stride[d] + geom.dilation[d] * (geom.kernel_size[d] - 1) + 1
@@ -509,7 +506,11 @@ def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0
     _check_finite_maps(maps, "normalize_maps")
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"normalize_maps: eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(constant_value, (int, float)) and not isinstance(constant_value, bool) and math.isfinite(constant_value)):
+    if not (
+        isinstance(constant_value, (int, float))
+        and not isinstance(constant_value, bool)
+        and math.isfinite(constant_value)
+    ):
         raise ValueError(f"normalize_maps: constant_value must be a finite number, got {constant_value!r}")
     if maps.numel() == 0:  # an empty batch (or empty maps): nothing to normalise
         return maps.clone()
@@ -586,7 +587,7 @@ def fuse_maps(
             mm = F.interpolate(mm, size=size, mode=mode_i, **kw)
         ups.append(normalize_maps(mm))
     if mode == "mean":
-        out = sum(wi * u for wi, u in zip(w, ups)) / sum(w)
+        out = torch.stack([wi * u for wi, u in zip(w, ups)]).sum(0) / sum(w)
     else:
         out = torch.ones_like(ups[0])
         for wi, u in zip(w, ups):

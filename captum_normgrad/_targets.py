@@ -126,7 +126,9 @@ def normalize_target(shape: Sequence[int], target: Any) -> Any:
     if isinstance(target, Tensor):
         t = _tensor_target(target, n)
         if t.numel() == 1:
-            return torch.tensor(_check_index(int(t.item()), shape, ""), dtype=torch.long, device=t.device).reshape(t.shape)
+            return torch.tensor(_check_index(int(t.item()), shape, ""), dtype=torch.long, device=t.device).reshape(
+                t.shape
+            )
         if len(shape) > 2:
             raise ValueError(
                 f"a 1-D target tensor indexes dim 1 only, but the output {shape} has {len(shape) - 1} dims per "
@@ -157,8 +159,7 @@ def normalize_target(shape: Sequence[int], target: Any) -> Any:
             return idx[0]
         return idx
     raise TypeError(
-        f"target must be None, an int, a tuple, a list or a tensor (Captum's target forms), got "
-        f"{type(target).__name__}"
+        f"target must be None, an int, a tuple, a list or a tensor (Captum's target forms), got {type(target).__name__}"
     )
 
 
@@ -173,7 +174,9 @@ def is_class_index_target(target: Any) -> bool:
     if isinstance(target, list):
         return all(is_class_index_target(v) and not isinstance(v, list) for v in target)
     if isinstance(target, Tensor):
-        return not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool) and target.dim() <= 1
+        return (
+            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool) and target.dim() <= 1
+        )
     return False
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 PROG = "captum-normgrad"
 
@@ -35,11 +35,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (
-            "default" not in text
-            and action.default not in (None, False, argparse.SUPPRESS)
-            and action.option_strings
-        ):
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
             text += " (default: %(default)s)"
         return text
 
@@ -72,13 +68,24 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         help="DEFAULT or a torchvision weights name of the model (e.g. IMAGENET1K_V2; downloaded once "
         "into the torch hub cache), or a state-dict file (.pt, .pth, .safetensors). Random init when omitted",
     )
-    g.add_argument("--num-classes", type=_positive_int, default=None,
-                   help="outputs of the classifier, for a retrained head (default: the model's own)")
-    g.add_argument("--image-size", type=_positive_int, default=None,
-                   help="resize the shorter side to N and centre-crop N x N instead of the weights' "
-                   "preprocessing sizes (default: the weights' transforms(), e.g. 256 -> 224)")
-    g.add_argument("--no-normalize", action="store_true",
-                   help="do not apply the mean/std normalisation (models trained on [0, 1] inputs)")
+    g.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        default=None,
+        help="outputs of the classifier, for a retrained head (default: the model's own)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="resize the shorter side to N and centre-crop N x N instead of the weights' "
+        "preprocessing sizes (default: the weights' transforms(), e.g. 256 -> 224)",
+    )
+    g.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="do not apply the mean/std normalisation (models trained on [0, 1] inputs)",
+    )
 
 
 # --------------------------------------------------------------------------- demo
@@ -109,10 +116,18 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--model", choices=["vgg", "resnet"], default="vgg",
-                   help="benchmark model: VGG-style (the paper's Figure 1 uses VGG-16) or ResNet-style")
-    p.add_argument("--images", type=_positive_int, default=8,
-                   help="two-object images averaged in the summary (the figure shows the first)")
+    p.add_argument(
+        "--model",
+        choices=["vgg", "resnet"],
+        default="vgg",
+        help="benchmark model: VGG-style (the paper's Figure 1 uses VGG-16) or ResNet-style",
+    )
+    p.add_argument(
+        "--images",
+        type=_positive_int,
+        default=8,
+        help="two-object images averaged in the summary (the figure shows the first)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -139,11 +154,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     items = find_images(args.images, recursive=not args.no_recursive)
 
-    from .explain import explain_method_names, explain_files, resolve_device
+    from .explain import explain_files, explain_method_names, resolve_device
     from .io import CLIInputError, get_layer, load_model
 
-    methods = explain_method_names([m for v in (args.method or ["normgrad"]) for m in _comma_list(v)],
-                                   note=None if args.quiet else _note)
+    methods = explain_method_names(
+        [m for v in (args.method or ["normgrad"]) for m in _comma_list(v)], note=None if args.quiet else _note
+    )
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
     if getattr(args, "grid", False) or getattr(args, "report", False):
@@ -154,7 +170,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             formats.append("npy")  # the grid is drawn from the raw maps
     device = resolve_device(args.device)
     loaded = load_model(
-        args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
+        args.model,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
         normalize=not args.no_normalize,
     )
     if layer_names == ["auto"]:
@@ -168,13 +187,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     layers = {name: get_layer(loaded.model, name) for name in layer_names}
     if not loaded.pretrained and not args.quiet:
         _note(f"{loaded.description}: maps of an untrained model carry little meaning (pass --weights)")
-    options = {"epsilon": args.epsilon, "hessian": args.hessian,
-               "virtual_layer": args.virtual_layer, "aggregation": args.aggregation}
+    options = {
+        "epsilon": args.epsilon,
+        "hessian": args.hessian,
+        "virtual_layer": args.virtual_layer,
+        "aggregation": args.aggregation,
+    }
     layouts = [v for v in _comma_list(args.layout)]
     report = explain_files(
-        items, loaded, layers, methods, args.out, target=args.target, batch_size=args.batch_size,
-        device=device, formats=formats, options=options, progress=not args.quiet,
-        skip_unreadable=args.skip_unreadable, layout=layouts[0] if len(layouts) == 1 else layouts,
+        items,
+        loaded,
+        layers,
+        methods,
+        args.out,
+        target=args.target,
+        batch_size=args.batch_size,
+        device=device,
+        formats=formats,
+        options=options,
+        progress=not args.quiet,
+        skip_unreadable=args.skip_unreadable,
+        layout=layouts[0] if len(layouts) == 1 else layouts,
         note=None if args.quiet else _note,
     )
     per_img = report.seconds / max(report.n_images, 1)
@@ -183,7 +216,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         f"with {loaded.description} on {device} in {report.seconds:.1f} s ({per_img:.2f} s/image); "
         f"{len(report.files)} files in {args.out} (index: {Path(args.out) / 'index.json'})"
     )
-    for path, reason in report.skipped:
+    for _path, reason in report.skipped:
         print(f"{PROG}: warning: skipped {reason}", file=sys.stderr)
     from .report import record_preprocessing
 
@@ -192,8 +225,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         from .report import load_explain_run, write_grids
 
         grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
-        print(f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
-              f"{Path(args.out) / 'grid__*.png'}")
+        print(
+            f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
+            f"{Path(args.out) / 'grid__*.png'}"
+        )
     if getattr(args, "report", False):
         from .report import build_report
 
@@ -232,44 +267,89 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     _add_model_args(p)
     g = p.add_argument_group("explanation")
-    g.add_argument("--layer", action="append", required=True, metavar="NAME[,NAME...]",
-                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate), "
-                   "or auto: the end of each stage (see `captum-normgrad layers --suggest MODEL`)")
-    g.add_argument("--layout", default="auto", metavar="LAYOUT[,LAYOUT...]",
-                   help="layout of the layers' outputs: auto (guessed from the shape), channels_first "
-                   "(N, C, H, W), channels_last (N, H, W, C: Swin) or tokens (N, T, C: ViT; the class token "
-                   "is dropped and the patch grid restored); one for all layers or one per layer")
-    g.add_argument("--method", action="append", default=None, metavar="METHOD[,METHOD...]",
-                   help="method(s) among those listed above (repeat or comma-separate); default: normgrad")
-    g.add_argument("--target", default="pred",
-                   help="class to explain: pred (each image's predicted class), a class index, or a class "
-                   "name of the weights (e.g. 'tabby cat')")
-    g.add_argument("--epsilon", type=float, default=None,
-                   help="inner SGD step of the order-1 methods (default: the method's, 5e-4)")
-    g.add_argument("--hessian", choices=["finite_difference", "exact", "none"], default=None,
-                   help="Hessian term of normgrad1/normgrad1-adv (default: finite_difference)")
-    g.add_argument("--virtual-layer", choices=["conv1x1", "scaling", "bias", "conv3x3"], default=None,
-                   help="virtual layer of the NormGrad methods (default: the method's)")
-    g.add_argument("--aggregation", choices=["norm", "filter_norm", "sum", "max"], default=None,
-                   help="aggregation of the NormGrad methods (default: the method's)")
+    g.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        metavar="NAME[,NAME...]",
+        help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate), "
+        "or auto: the end of each stage (see `captum-normgrad layers --suggest MODEL`)",
+    )
+    g.add_argument(
+        "--layout",
+        default="auto",
+        metavar="LAYOUT[,LAYOUT...]",
+        help="layout of the layers' outputs: auto (guessed from the shape), channels_first "
+        "(N, C, H, W), channels_last (N, H, W, C: Swin) or tokens (N, T, C: ViT; the class token "
+        "is dropped and the patch grid restored); one for all layers or one per layer",
+    )
+    g.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        metavar="METHOD[,METHOD...]",
+        help="method(s) among those listed above (repeat or comma-separate); default: normgrad",
+    )
+    g.add_argument(
+        "--target",
+        default="pred",
+        help="class to explain: pred (each image's predicted class), a class index, or a class "
+        "name of the weights (e.g. 'tabby cat')",
+    )
+    g.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="inner SGD step of the order-1 methods (default: the method's, 5e-4)",
+    )
+    g.add_argument(
+        "--hessian",
+        choices=["finite_difference", "exact", "none"],
+        default=None,
+        help="Hessian term of normgrad1/normgrad1-adv (default: finite_difference)",
+    )
+    g.add_argument(
+        "--virtual-layer",
+        choices=["conv1x1", "scaling", "bias", "conv3x3"],
+        default=None,
+        help="virtual layer of the NormGrad methods (default: the method's)",
+    )
+    g.add_argument(
+        "--aggregation",
+        choices=["norm", "filter_norm", "sum", "max"],
+        default=None,
+        help="aggregation of the NormGrad methods (default: the method's)",
+    )
     o = p.add_argument_group("output and running")
     o.add_argument("--out", required=True, help="output folder (created)")
-    o.add_argument("--save", default="png,npy", metavar="FORMATS",
-                   help="comma-separated among png (overlay), npy, pt (raw maps)")
-    o.add_argument("--grid", action="store_true",
-                   help="also write grid__IMAGE.png per image: methods x layers over the original, uncropped "
-                   "image, with class name, probability and colour bars (publication figure)")
-    o.add_argument("--cmap", default="viridis",
-                   help="colour map of the --grid figures and the --report (any matplotlib name)")
-    o.add_argument("--alpha", type=float, default=0.55,
-                   help="opacity of the maps in the --grid figures and the --report")
-    o.add_argument("--report", action="store_true",
-                   help="also write the browsable HTML report OUT/report/index.html (see `captum-normgrad report`)")
+    o.add_argument(
+        "--save", default="png,npy", metavar="FORMATS", help="comma-separated among png (overlay), npy, pt (raw maps)"
+    )
+    o.add_argument(
+        "--grid",
+        action="store_true",
+        help="also write grid__IMAGE.png per image: methods x layers over the original, uncropped "
+        "image, with class name, probability and colour bars (publication figure)",
+    )
+    o.add_argument(
+        "--cmap", default="viridis", help="colour map of the --grid figures and the --report (any matplotlib name)"
+    )
+    o.add_argument(
+        "--alpha", type=float, default=0.55, help="opacity of the maps in the --grid figures and the --report"
+    )
+    o.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the browsable HTML report OUT/report/index.html (see `captum-normgrad report`)",
+    )
     o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     o.add_argument("--batch-size", type=_positive_int, default=8, help="images per pass")
     o.add_argument("--no-recursive", action="store_true", help="do not look into sub-folders")
-    o.add_argument("--skip-unreadable", action="store_true",
-                   help="skip images that do not decode (listed as warnings and in index.json) instead of stopping")
+    o.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="skip images that do not decode (listed as warnings and in index.json) instead of stopping",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     p.set_defaults(func=_cmd_explain)
 
@@ -287,8 +367,13 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         raise CLIInputError("give the model: --model NAME (or --suggest NAME)")
     if isinstance(args.suggest, str) and args.model is not None and args.model != args.suggest:
         raise CLIInputError(f"two models given (--model {args.model}, --suggest {args.suggest}): give one")
-    loaded = load_model(spec, weights=args.weights, num_classes=args.num_classes,
-                        image_size=args.image_size, normalize=not args.no_normalize)
+    loaded = load_model(
+        spec,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        normalize=not args.no_normalize,
+    )
     model = loaded.model
     size = _input_size(loaded, args.image_size)
     names = layer_names(model)
@@ -296,10 +381,13 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         from ._layers import suggest_layers
 
         names = suggest_layers(model, size)
-    shapes = {}
+    shapes: Dict[str, Any] = {}
     if not args.no_shapes:
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o))
-                 for n, m in model.named_modules() if n]
+        hooks = [
+            m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o))
+            for n, m in model.named_modules()
+            if n
+        ]
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, size, size))
@@ -331,8 +419,14 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         formatter_class=_HelpFormatter,
     )
     _add_model_args(p, required=False)
-    p.add_argument("--suggest", nargs="?", const=True, default=None, metavar="MODEL",
-                   help="print only the suggested layers (the end of each stage) of MODEL (or of --model)")
+    p.add_argument(
+        "--suggest",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="MODEL",
+        help="print only the suggested layers (the end of each stage) of MODEL (or of --model)",
+    )
     p.add_argument("--no-shapes", action="store_true", help="skip the forward pass; names and types only")
     p.set_defaults(func=_cmd_layers)
 
@@ -343,9 +437,17 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    page = build_report(args.run_folder, out=args.out, masks=args.masks, tolerance=args.tolerance,
-                        image_root=args.images, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet,
-                        max_images=args.max_images)
+    page = build_report(
+        args.run_folder,
+        out=args.out,
+        masks=args.masks,
+        tolerance=args.tolerance,
+        image_root=args.images,
+        cmap=args.cmap,
+        alpha=args.alpha,
+        progress=not args.quiet,
+        max_images=args.max_images,
+    )
     print(f"report: {page} (open it in a browser; the folder {page.parent} is self-contained, no network needed)")
     return EXIT_OK
 
@@ -364,23 +466,32 @@ def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "The report folder needs no network: open index.html in a browser."
         ),
         epilog=(
-            "examples:\n"
-            "  captum-normgrad report maps\n"
-            "  captum-normgrad report maps --masks masks/ --out maps_report"
+            "examples:\n  captum-normgrad report maps\n  captum-normgrad report maps --masks masks/ --out maps_report"
         ),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("run_folder", metavar="RUN_FOLDER",
-                   help="the --out folder of captum-normgrad explain, or the output folder of captum-normgrad run")
+    p.add_argument(
+        "run_folder",
+        metavar="RUN_FOLDER",
+        help="the --out folder of captum-normgrad explain, or the output folder of captum-normgrad run",
+    )
     p.add_argument("--out", default=None, help="report folder (default: RUN_FOLDER/report)")
-    p.add_argument("--masks", default=None, metavar="DIR",
-                   help="folder of object masks named like the images (any image format, non-zero = object)")
+    p.add_argument(
+        "--masks",
+        default=None,
+        metavar="DIR",
+        help="folder of object masks named like the images (any image format, non-zero = object)",
+    )
     p.add_argument("--tolerance", type=float, default=15, help="pointing-game tolerance in model-input pixels")
     p.add_argument("--images", default=None, metavar="DIR", help="folder of the original images, if moved")
     p.add_argument("--cmap", default="viridis", help="colour map of the overlays (any matplotlib name)")
     p.add_argument("--alpha", type=float, default=0.55, help="opacity of the maps over the images")
-    p.add_argument("--max-images", type=_positive_int, default=100,
-                   help="runner runs: report the first N samples (explain runs are reported whole)")
+    p.add_argument(
+        "--max-images",
+        type=_positive_int,
+        default=100,
+        help="runner runs: report the first N samples (explain runs are reported whole)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)
 
@@ -423,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for register in SUBCOMMANDS:
-        register(sub)
+        register(sub)  # type: ignore[arg-type]
     return parser
 
 

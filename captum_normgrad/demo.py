@@ -38,6 +38,7 @@ DEMO_METHODS: Tuple[Tuple[str, str], ...] = (
     ("normgrad_order1", "NormGrad order 1"),
     ("normgrad_order1_adversarial", "order 1, adversarial"),
 )
+_DEMO_METHOD_NAMES: Tuple[str, ...] = tuple(name for name, _ in DEMO_METHODS)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def energy_shares(maps: Tensor, masks: Tensor) -> Tensor:
 def compute_demo(
     num_images: int = 8,
     model_name: str = "vgg",
-    methods: Sequence[str] = tuple(m for m, _ in DEMO_METHODS),
+    methods: Sequence[str] = _DEMO_METHOD_NAMES,
     seed: int = 2,
 ) -> DemoResult:
     r"""Compute the demo's maps and energy shares (no files, no printing).
@@ -150,7 +151,16 @@ def compute_demo(
             s = energy_shares(m, masks).mean(0)
             shares[method][lname] = (float(s[0]), float(s[1]))
     return DemoResult(
-        images, masks, targets, others, probs, maps, shares, class_names, note, trained,
+        images,
+        masks,
+        targets,
+        others,
+        probs,
+        maps,
+        shares,
+        class_names,
+        note,
+        trained,
         time.perf_counter() - t0,
     )
 
@@ -188,9 +198,13 @@ def plot_figure1(result: DemoResult, path: Path, index: int = 0) -> Path:
     for r, method in enumerate(methods):
         fig.axes[r * ncols].yaxis.label.set_fontsize(8)
         for c, ln in enumerate(layer_names):
-            share = energy_shares(result.maps[method][ln][index:index + 1], result.masks[index:index + 1])[0]
+            share = energy_shares(result.maps[method][ln][index : index + 1], result.masks[index : index + 1])[0]
             fig.axes[r * ncols + c + 1].text(
-                1, height - 2, f"{float(share[0]):.2f} / {float(share[1]):.2f}", fontsize=6, color="white",
+                1,
+                height - 2,
+                f"{float(share[0]):.2f} / {float(share[1]):.2f}",
+                fontsize=6,
+                color="white",
                 bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
             )
     fig.savefig(path, dpi=110)
@@ -222,17 +236,23 @@ def claim_verdicts(result: DemoResult) -> List[str]:
     fmt = lambda rs: "/".join(f"{r:.2f}" for r in rs)  # noqa: E731
     if order0:
         holds = all(r < 2 for r in order0)
-        lines.append(f"  claim 2, order 0 highlights both objects: {'holds' if holds else 'does not hold'} "
-                     f"(ratio explained/other per layer {fmt(order0)})")
+        lines.append(
+            f"  claim 2, order 0 highlights both objects: {'holds' if holds else 'does not hold'} "
+            f"(ratio explained/other per layer {fmt(order0)})"
+        )
     if order1:
         holds = all(r >= 2 for r in order1)
         some = any(r >= 2 for r in order1)
         verdict = "holds" if holds else ("holds at some layers only" if some else "does NOT hold")
         lines.append(f"  claim 3, order 1 highlights the explained object: {verdict} (ratio {fmt(order1)})")
         if order0 and any(r1 < r0 for r1, r0 in zip(order1, order0)):
-            lines.append("    where order 1's ratio is below order 0's (typically early blocks), that is the formula at")
+            lines.append(
+                "    where order 1's ratio is below order 0's (typically early blocks), that is the formula at"
+            )
             lines.append("    work: the inner step lowers the loss through the explained object's features, so the")
-            lines.append("    remaining gradient at theta' shrinks there and the map's energy shifts to the other object.")
+            lines.append(
+                "    remaining gradient at theta' shrinks there and the map's energy shifts to the other object."
+            )
     if adv:
         holds = all(r < 1 for r in adv)
         some = any(r < 1 for r in adv)
@@ -305,7 +325,9 @@ def run_demo(out: Path, progress: bool = True, num_images: int = 8, model_name: 
                     "num_images": int(result.images.shape[0]),
                     "targets": [result.class_names[int(t)] for t in result.targets],
                     "others": [result.class_names[int(t)] for t in result.others],
-                    "energy_share_target_other": {m: {k: list(v) for k, v in d.items()} for m, d in result.shares.items()},
+                    "energy_share_target_other": {
+                        m: {k: list(v) for k, v in d.items()} for m, d in result.shares.items()
+                    },
                     "figure": str(figure),
                     "seconds": round(result.seconds, 3),
                 },

@@ -37,7 +37,16 @@ from .io import CLIInputError, ImageItem, LoadedModel, load_image, save_map, sav
 from .registry import METHODS as REGISTRY_METHODS
 from .registry import MethodEntry, get_method
 
-__all__ = ["MethodSpec", "METHODS", "method_names", "explain_method_names", "compute_maps", "resolve_device", "ExplainReport", "explain_files"]
+__all__ = [
+    "MethodSpec",
+    "METHODS",
+    "method_names",
+    "explain_method_names",
+    "compute_maps",
+    "resolve_device",
+    "ExplainReport",
+    "explain_files",
+]
 
 #: The registry's methods (:data:`captum_normgrad.registry.METHODS`): ``explain`` defines none of its own.
 METHODS: Dict[str, MethodEntry] = REGISTRY_METHODS
@@ -283,6 +292,7 @@ def _check_map(method: str, m: Any) -> Tensor:
 def resolve_device(spec: str = "auto") -> torch.device:
     """``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
     import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -433,7 +443,7 @@ def explain_files(
             t_batch = time.perf_counter()
             batch: List[ImageItem] = []
             tensors: List[Tensor] = []
-            for it in items[start:start + batch_size]:
+            for it in items[start : start + batch_size]:
                 try:
                     tensors.append(loaded.preprocess(load_image(it.path)))
                     batch.append(it)
@@ -462,9 +472,13 @@ def explain_files(
             tgt = pred.clone() if fixed_target is None else torch.full_like(pred, fixed_target)
             with warnings.catch_warnings():
                 # all-zero maps are reported below, once per method and layer, with the images' names
-                warnings.filterwarnings("ignore", message=r".*the map of example\(s\) .* is all zero", category=UserWarning)
-                maps = {method: [m.cpu() for m in compute_maps(method, model, layer_mods, x, tgt, options, layouts)]
-                        for method in methods}
+                warnings.filterwarnings(
+                    "ignore", message=r".*the map of example\(s\) .* is all zero", category=UserWarning
+                )
+                maps = {
+                    method: [m.cpu() for m in compute_maps(method, model, layer_mods, x, tgt, options, layouts)]
+                    for method in methods
+                }
             display = loaded.to_display(x.detach().cpu())
             for method in methods:
                 for lname, m in zip(layer_names, maps[method]):
@@ -509,8 +523,8 @@ def explain_files(
         bar.close()
         if home is not None and dev != home:
             model.to(home)
-        for m, mode in modes.items():
-            m.training = mode
+        for mod, mode in modes.items():
+            mod.training = mode
     report.seconds = time.perf_counter() - t0
     index = out_dir / "index.json"
     payload = {

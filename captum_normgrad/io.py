@@ -22,8 +22,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
-import io
 import importlib.util
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,17 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 )
 MAP_FORMATS: Tuple[str, ...] = ("png", "npy", "pt")
 
@@ -306,9 +316,7 @@ def make_preprocess(
         crop = resize = [int(image_size)]
     if not normalize:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    t = ImageClassification(
-        crop_size=crop[0], resize_size=resize[0], mean=mean, std=std, interpolation=interpolation
-    )
+    t = ImageClassification(crop_size=crop[0], resize_size=resize[0], mean=mean, std=std, interpolation=interpolation)
     return t, tuple(mean), tuple(std)
 
 
@@ -410,7 +418,7 @@ def _unwrap_state_dict(obj: Any, path: str) -> Dict[str, Any]:
         )
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -606,7 +614,13 @@ def load_model(
     else:
         desc = f"{spec} (random init)"
     return LoadedModel(
-        model.eval(), transform, mean, std, categories, desc, pretrained=tv_weights is not None or weights_path is not None
+        model.eval(),
+        transform,
+        mean,
+        std,
+        categories,
+        desc,
+        pretrained=tv_weights is not None or weights_path is not None,
     )
 
 

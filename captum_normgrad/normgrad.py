@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 from captum._utils.common import _format_output, _format_tensor_into_tuples
 from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution, LayerAttribution

@@ -157,7 +157,9 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                 f"LayerNormGradOrder1 needs the model itself (an nn.Module), got {type(forward_func).__name__}: "
                 "order 1 takes an SGD step on the model's parameters. Wrap a function in an nn.Module"
             )
-        dp_ids = list(getattr(forward_func, "device_ids", None) or []) if isinstance(forward_func, nn.DataParallel) else []
+        dp_ids = (
+            list(getattr(forward_func, "device_ids", None) or []) if isinstance(forward_func, nn.DataParallel) else []
+        )
         if len(dp_ids) > 1 or (device_ids is not None and len(device_ids) > 1):
             raise ValueError(
                 "LayerNormGradOrder1 runs each example's inner step on one device; DataParallel over several "
@@ -186,7 +188,9 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
     def _check_execution(strategy: Optional[str], chunk_size: Optional[int], compute_dtype: Any) -> None:
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(map(repr, STRATEGIES))}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if compute_dtype not in (None, "auto") and not isinstance(compute_dtype, torch.dtype):
             raise ValueError(f"compute_dtype must be None, 'auto' or a torch dtype, got {compute_dtype!r}")
@@ -347,7 +351,12 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
 
         where = "weights" if virtual_layer == "weights" else ("input" if attribute_to_layer_input else "output")
         psm = PerSampleModel(
-            self.model, layers, [where] * len(layers), self._resolve_loss(target), extra, batched_extra,
+            self.model,
+            layers,
+            [where] * len(layers),
+            self._resolve_loss(target),
+            extra,
+            batched_extra,
             layer_calls=[layer_call] * len(layers),
         )
         device = next(iter(psm.trainable.values())).device
@@ -371,8 +380,22 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             for start in range(0, n, chunk):
                 sl = slice(start, min(n, start + chunk))
                 res = self._chunk_with_dtype(
-                    psm, inputs_t, extra, targets, sl, epsilon, adversarial, hessian, h, compute_dtype, layers,
-                    virtual_layer, aggregation, weights_grid, channel_dim, attr_dim_summation,
+                    psm,
+                    inputs_t,
+                    extra,
+                    targets,
+                    sl,
+                    epsilon,
+                    adversarial,
+                    hessian,
+                    h,
+                    compute_dtype,
+                    layers,
+                    virtual_layer,
+                    aggregation,
+                    weights_grid,
+                    channel_dim,
+                    attr_dim_summation,
                 )
                 for j, m in enumerate(res):
                     per_slot[j].append(m)
@@ -402,7 +425,12 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
     def _check_numbers(epsilon: Any, h: Any, hessian: str) -> None:
         if hessian not in HESSIAN_CHOICES:
             raise ValueError(f"unknown hessian {hessian!r}; choose one of {', '.join(map(repr, HESSIAN_CHOICES))}")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+        if (
+            isinstance(epsilon, bool)
+            or not isinstance(epsilon, (int, float))
+            or not math.isfinite(epsilon)
+            or epsilon < 0
+        ):
             raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
         if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h <= 0):
             raise ValueError(f"h must be a finite number > 0 (or None for 0.5/||v||), got {h!r}")
@@ -437,15 +465,19 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
 
         return wrapped
 
-    def _output_shape(self, psm: PerSampleModel, inputs_t: Tuple[Tensor, ...], extra: Tuple[Any, ...], n: int) -> Tuple[int, ...]:
+    def _output_shape(
+        self, psm: PerSampleModel, inputs_t: Tuple[Tensor, ...], extra: Tuple[Any, ...], n: int
+    ) -> Tuple[int, ...]:
         """The batch's output shape, from one example's forward pass (also validates the target
         forms before any expensive pass)."""
         psm._probing = True
         try:
             with torch.no_grad():
-                out = psm.forward(psm.trainable, tuple(t[0] for t in inputs_t), tuple(
-                    e[0] if b else e for e, b in zip(extra, psm.batched_extra)
-                ))
+                out = psm.forward(
+                    psm.trainable,
+                    tuple(t[0] for t in inputs_t),
+                    tuple(e[0] if b else e for e, b in zip(extra, psm.batched_extra)),
+                )
         finally:
             psm._probing = False
         shape = (n, *out.shape[1:])
@@ -533,7 +565,9 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         ts = targets[sl]
         base_dtype = next(iter(psm.trainable.values())).dtype
         want64 = compute_dtype == torch.float64
-        acts, grads, zero_v = self._chunk(psm, xs, ts, es, epsilon, adversarial, hessian, h, torch.float64 if want64 else None)
+        acts, grads, zero_v = self._chunk(
+            psm, xs, ts, es, epsilon, adversarial, hessian, h, torch.float64 if want64 else None
+        )
         self._outs.append(self._last_outs)
         if compute_dtype == "auto" and bool(zero_v.any()) and base_dtype != torch.float64:
             idx = zero_v.nonzero().flatten()

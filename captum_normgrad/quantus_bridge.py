@@ -10,7 +10,7 @@ warnings.warn(
     stacklevel=2,
 )
 
-_SOURCES = ['captum_normgrad.evaluation.quantus_bridge']
+_SOURCES = ["captum_normgrad.evaluation.quantus_bridge"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ warnings.warn(
     stacklevel=2,
 )
 
-_SOURCES = ['captum_normgrad.evaluation.sanity']
+_SOURCES = ["captum_normgrad.evaluation.sanity"]
 
 
 def __getattr__(name: str) -> Any:

@@ -126,7 +126,7 @@ def compute_attribution_grid(
     mods = {name: module_by_name(model, name) for name in layers}
     out: Dict[str, Dict[str, Tensor]] = {}
     for label, spec in methods.items():
-        factory, kwargs = (spec if isinstance(spec, tuple) else (spec, {}))
+        factory, kwargs = spec if isinstance(spec, tuple) else (spec, {})
         if not callable(factory):
             raise TypeError(f"method {label!r} must be an attribution class or factory, got {type(factory).__name__}")
         row: Dict[str, Tensor] = {}
@@ -145,7 +145,7 @@ def compute_attribution_grid(
 def _image_hwc(image: Union[Tensor, np.ndarray], sample: int) -> np.ndarray:
     """Image as an (H, W, 3) float array in [0, 1]; tensors are channels-first, arrays (H, W, C)."""
     is_tensor = isinstance(image, Tensor)
-    img = (image.detach().cpu().numpy() if is_tensor else np.asarray(image)).astype(np.float64)
+    img = (image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)).astype(np.float64)
     if img.ndim == 4:
         img = img[sample]
     if img.ndim == 3 and (is_tensor or img.shape[-1] not in (1, 3)):
@@ -269,8 +269,16 @@ def plot_attribution_grid(
                 continue
             s = sign if sign != "auto" else ("absolute_value" if float(m.min()) >= 0 else "all")
             viz.visualize_image_attr(
-                m[:, :, None], img, method=method, sign=s, plt_fig_axis=(fig, ax), outlier_perc=outlier_perc,
-                cmap=cmap, alpha_overlay=alpha_overlay, title=head, use_pyplot=False,
+                m[:, :, None],
+                img,
+                method=method,
+                sign=s,
+                plt_fig_axis=(fig, ax),
+                outlier_perc=outlier_perc,
+                cmap=cmap,
+                alpha_overlay=alpha_overlay,
+                title=head,
+                use_pyplot=False,
             )
             if not show_image and j == 0:
                 ax.set_ylabel(r)
@@ -381,7 +389,11 @@ def crop_box(
     if len(original_size) != 2:
         raise ValueError(f"original_size must be (H, W), got {tuple(original_size)}")
     h0, w0 = (int(v) for v in original_size)
-    ch, cw = (int(crop_size), int(crop_size)) if isinstance(crop_size, (int, np.integer)) else (int(crop_size[0]), int(crop_size[-1]))
+    ch, cw = (
+        (int(crop_size), int(crop_size))
+        if isinstance(crop_size, (int, np.integer))
+        else (int(crop_size[0]), int(crop_size[-1]))
+    )
     if min(h0, w0, ch, cw) < 1:
         raise ValueError(f"sizes must be positive, got original {original_size}, crop {crop_size}")
     if resize_size is None:
@@ -451,8 +463,9 @@ def map_to_original(
 # --------------------------------------------------------------------------- publication grid
 
 
-def _as_display_image(image: Union[Tensor, np.ndarray, Any], mean: Optional[Sequence[float]],
-                      std: Optional[Sequence[float]]) -> np.ndarray:
+def _as_display_image(
+    image: Union[Tensor, np.ndarray, Any], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+) -> np.ndarray:
     """An (H, W, 3) float array in [0, 1]: PIL images, uint8 arrays, (C, H, W) tensors (unnormalised)."""
     if not isinstance(image, (Tensor, np.ndarray)):  # a PIL image
         image = np.asarray(image.convert("RGB"))
@@ -582,7 +595,7 @@ def plot_comparison_grid(
             for i in range(n):
                 h, w = shown[i].shape[:2]
                 if geometry is not None and geometry[i] is not None:
-                    resize, crop = geometry[i]
+                    resize, crop = geometry[i]  # type: ignore[misc]
                     m = map_to_original(seq[i], (h, w), resize, crop)
                 else:
                     m = map_to_original(seq[i], (h, w))
@@ -644,20 +657,43 @@ def plot_comparison_grid(
                 if not np.all(np.isfinite(m)):
                     rows_in = np.where(np.isfinite(m).any(1))[0]
                     cols_in = np.where(np.isfinite(m).any(0))[0]
-                    ax.add_patch(Rectangle((cols_in[0] - 0.5, rows_in[0] - 0.5), cols_in[-1] - cols_in[0] + 1,
-                                           rows_in[-1] - rows_in[0] + 1, fill=False, ec="white", lw=1.0, ls="--"))
+                    ax.add_patch(
+                        Rectangle(
+                            (cols_in[0] - 0.5, rows_in[0] - 0.5),
+                            cols_in[-1] - cols_in[0] + 1,
+                            rows_in[-1] - rows_in[0] + 1,
+                            fill=False,
+                            ec="white",
+                            lw=1.0,
+                            ls="--",
+                        )
+                    )
                 if not np.any(np.nan_to_num(m)):
-                    ax.text(0.5, 0.06, "zero map", ha="center", va="bottom", transform=ax.transAxes,
-                            fontsize=font_size * 0.9, color="white")
+                    ax.text(
+                        0.5,
+                        0.06,
+                        "zero map",
+                        ha="center",
+                        va="bottom",
+                        transform=ax.transAxes,
+                        fontsize=font_size * 0.9,
+                        color="white",
+                    )
             if scale != "shared":
-                cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=list(axes[row][1:]), fraction=0.04,
-                                  pad=0.02, aspect=12)
+                cb = fig.colorbar(
+                    ScalarMappable(norm=norm, cmap=cm), ax=list(axes[row][1:]), fraction=0.04, pad=0.02, aspect=12
+                )
                 cb.ax.tick_params(labelsize=font_size * 0.9)
                 if scale == "map":
                     cb.set_label("map / max |map|", fontsize=font_size * 0.9)
     if scale == "shared":
-        cb = fig.colorbar(ScalarMappable(norm=Normalize(*all_range), cmap=cm), ax=list(axes[:, 1:].flat),
-                          fraction=0.04, pad=0.02, aspect=30)
+        cb = fig.colorbar(
+            ScalarMappable(norm=Normalize(*all_range), cmap=cm),
+            ax=list(axes[:, 1:].flat),
+            fraction=0.04,
+            pad=0.02,
+            aspect=30,
+        )
         cb.ax.tick_params(labelsize=font_size * 0.9)
         cb.set_label("attribution", fontsize=font_size)
     if title:

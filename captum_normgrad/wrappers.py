@@ -21,13 +21,11 @@ compared with the unperturbed one ``n_perturb_samples`` times, inflating the sco
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
-import torch
-import torch.nn.functional as F
 from captum.attr import Attribution, GradientAttribution, NoiseTunnel
 from captum.log import log_usage
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._maps import reduce_map_channels, resize_maps
 
@@ -44,9 +42,7 @@ TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
 # --------------------------------------------------------------------------- map shapes
 
 
-def _upsample_one(
-    m: Tensor, inp: Tensor, index: int, interpolate_mode: str, reduce_channels: Optional[str]
-) -> Tensor:
+def _upsample_one(m: Tensor, inp: Tensor, index: int, interpolate_mode: str, reduce_channels: Optional[str]) -> Tensor:
     if not isinstance(m, Tensor):
         raise TypeError(f"attribution {index} is a {type(m).__name__}, not a Tensor")
     if not isinstance(inp, Tensor):

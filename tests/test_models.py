@@ -109,7 +109,7 @@ def test_bad_arguments(tmp_path):
         ShapesVGG(widths=(8, 8))
     with pytest.raises(TypeError, match="block_names"):
         benchmark_layers(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="unknown torchvision model"):
+    with pytest.raises(ValueError, match="unknown model .not_a_model.: give a torchvision classification model name"):
         torchvision_model("not_a_model")
 
 

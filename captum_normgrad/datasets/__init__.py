@@ -216,9 +216,7 @@ def write_png_folder(
         *list[Path]*: the image files written, in dataset order.
     """
     if not isinstance(dataset, (ShapesDataset, TwoObjectShapesDataset)):
-        raise TypeError(
-            f"dataset must be a ShapesDataset or TwoObjectShapesDataset, got {type(dataset).__name__}"
-        )
+        raise TypeError(f"dataset must be a ShapesDataset or TwoObjectShapesDataset, got {type(dataset).__name__}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     folder = Path(folder)
@@ -233,7 +231,7 @@ def write_png_folder(
         name = f"img_{i:05d}.png"
         pixels = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         _to_png(pixels, folder / name)
-        labels = [int(label)] if isinstance(dataset, ShapesDataset) else [int(v) for v in label]
+        labels = [int(label)] if isinstance(dataset, ShapesDataset) else [int(v) for v in label]  # type: ignore[union-attr]
         object_masks = mask[None] if isinstance(dataset, ShapesDataset) else mask
         if masks:
             for k, m in enumerate(object_masks):

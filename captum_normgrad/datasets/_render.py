@@ -87,7 +87,9 @@ def _random_colour_pair(rng: np.random.Generator, background: np.ndarray) -> Tup
             return a, b
 
 
-def _object_spec(rng: np.random.Generator, label: int, cy: float, cx: float, radius: float, background: np.ndarray) -> ObjectSpec:
+def _object_spec(
+    rng: np.random.Generator, label: int, cy: float, cx: float, radius: float, background: np.ndarray
+) -> ObjectSpec:
     texture = _TEXTURE[label]
     if texture is None:
         texture = ("solid", "stripes", "dots")[int(rng.integers(3))]

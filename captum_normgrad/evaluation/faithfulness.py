@@ -120,7 +120,9 @@ def _resolve_baseline(baseline: Baseline, inputs: Tensor) -> Tensor:
     try:
         return torch.broadcast_to(b, inputs.shape).to(inputs.dtype)
     except RuntimeError as err:
-        raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to inputs {tuple(inputs.shape)}") from err
+        raise ValueError(
+            f"baseline of shape {tuple(b.shape)} does not broadcast to inputs {tuple(inputs.shape)}"
+        ) from err
 
 
 def _per_sample_target(target: TargetType, n: int) -> Optional[list]:
@@ -197,8 +199,10 @@ def _curve(
             ks = torch.tensor([k for _, k in chunk], device=inputs.device)
             changed = (rank[idx] < counts[ks][:, None]).reshape(len(chunk), 1, h, w)
             batch = torch.where(changed, other[idx], start[idx])
-            args = () if add_args is None else tuple(
-                a[idx] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in add_args
+            args = (
+                ()
+                if add_args is None
+                else tuple(a[idx] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in add_args)
             )
             out = forward_func(batch, *args)
             tgt = target if per_target is None else [per_target[i] for i, _ in chunk]
@@ -252,8 +256,18 @@ def deletion_curve(
         >>> curve.auc            # (N,)
     """
     return _curve(
-        "deletion", forward_func, inputs, maps, target, n_steps, baseline, score,
-        additional_forward_args, batch_size, interpolate_mode, show_progress,
+        "deletion",
+        forward_func,
+        inputs,
+        maps,
+        target,
+        n_steps,
+        baseline,
+        score,
+        additional_forward_args,
+        batch_size,
+        interpolate_mode,
+        show_progress,
     )
 
 
@@ -284,6 +298,16 @@ def insertion_curve(
         >>> insertion_curve(net, x, maps, target=3).auc
     """
     return _curve(
-        "insertion", forward_func, inputs, maps, target, n_steps, baseline, score,
-        additional_forward_args, batch_size, interpolate_mode, show_progress,
+        "insertion",
+        forward_func,
+        inputs,
+        maps,
+        target,
+        n_steps,
+        baseline,
+        score,
+        additional_forward_args,
+        batch_size,
+        interpolate_mode,
+        show_progress,
     )

@@ -43,7 +43,11 @@ def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     if not isinstance(maps, Tensor):
         raise TypeError(
             f"{name} must be a Tensor of shape (N, 1, h, w), got {type(maps).__name__}"
-            + ("; a list means several layers: fuse them first with captum_normgrad.fuse_maps" if isinstance(maps, list) else "")
+            + (
+                "; a list means several layers: fuse them first with captum_normgrad.fuse_maps"
+                if isinstance(maps, list)
+                else ""
+            )
         )
     if maps.dim() == 3:
         maps = maps.unsqueeze(1)
@@ -57,7 +61,12 @@ def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
 def _check_tolerance(tolerance: float) -> None:
     # NaN compares False with everything: without the isfinite check ``tolerance=nan`` passed and
     # made every sample a miss (``d2 < nan`` is False), a silent wrong score
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not math.isfinite(tolerance)
+        or tolerance < 0
+    ):
         raise ValueError(f"tolerance must be a finite number >= 0 (pixels), got {tolerance!r}")
 
 
@@ -185,7 +194,9 @@ def pointing_game_hits(
     return torch.tensor(hits, dtype=torch.bool)
 
 
-def pointing_accuracy(hits: Tensor, labels: Optional[Union[Tensor, Sequence[int]]] = None) -> Tuple[float, Dict[int, float]]:
+def pointing_accuracy(
+    hits: Tensor, labels: Optional[Union[Tensor, Sequence[int]]] = None
+) -> Tuple[float, Dict[int, float]]:
     r"""Mean over classes of the per-class hit rate (TorchRay aggregation).
 
     Use it to aggregate hits collected over a dataset, batch after batch.
@@ -277,7 +288,9 @@ def pointing_game(
     mk = _check_masks(masks, m.shape[0])
     acc, per = pointing_accuracy(hits, labels)
     lab = None if labels is None else torch.as_tensor(labels).long().flatten()
-    return PointingGameResult(acc, per, hits, pointing_points(m, mk.shape[-2:], interpolate_mode), float(tolerance), lab)
+    return PointingGameResult(
+        acc, per, hits, pointing_points(m, mk.shape[-2:], interpolate_mode), float(tolerance), lab
+    )
 
 
 def boxes_to_masks(boxes: Union[Tensor, Sequence[Tensor]], size: Sequence[int]) -> Tensor:

@@ -159,7 +159,9 @@ def _param_modules(model: nn.Module, name: str) -> List[nn.Module]:
     root = module_by_name(model, name)
     mods = [m for m in root.modules() if any(True for _ in m.parameters(recurse=False))]
     if not mods:
-        raise ValueError(f"module {name!r} ({type(root).__name__}) has no parameters to randomise; drop it from modules")
+        raise ValueError(
+            f"module {name!r} ({type(root).__name__}) has no parameters to randomise; drop it from modules"
+        )
     return mods
 
 
@@ -326,7 +328,9 @@ def model_parameter_randomization(
     if mode not in ("cascading", "independent"):
         raise ValueError(f"unknown mode {mode!r}; choose 'cascading' or 'independent'")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (it is deep-copied and randomised), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a torch.nn.Module (it is deep-copied and randomised), got {type(model).__name__}"
+        )
     module_by_name(model, layer)  # validates the layer name
     if isinstance(modules, str):
         raise TypeError("modules must be a sequence of module names, not a single str; wrap it in a list")
@@ -348,8 +352,18 @@ def model_parameter_randomization(
 
     def explain(m: nn.Module) -> Tuple[np.ndarray, List[int]]:
         tgt = _argmax_targets(m, inputs_t, add_args) if target is None else target
-        maps = _explain(m, method, layer, inputs, tgt, additional_forward_args, method_kwargs,
-                        attribute_kwargs, size, interpolate_mode)
+        maps = _explain(
+            m,
+            method,
+            layer,
+            inputs,
+            tgt,
+            additional_forward_args,
+            method_kwargs,
+            attribute_kwargs,
+            size,
+            interpolate_mode,
+        )
         return maps, _target_list(tgt, n_inputs)
 
     pristine = copy.deepcopy(model)

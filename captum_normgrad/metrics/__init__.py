@@ -10,7 +10,12 @@ warnings.warn(
     stacklevel=2,
 )
 
-_SOURCES = ['captum_normgrad.evaluation', 'captum_normgrad.wrappers', 'captum_normgrad._maps', 'captum_normgrad._layers']
+_SOURCES = [
+    "captum_normgrad.evaluation",
+    "captum_normgrad.wrappers",
+    "captum_normgrad._maps",
+    "captum_normgrad._layers",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ warnings.warn(
     stacklevel=2,
 )
 
-_SOURCES = ['captum_normgrad.evaluation.localisation']
+_SOURCES = ["captum_normgrad.evaluation.localisation"]
 
 
 def __getattr__(name: str) -> Any:

@@ -27,12 +27,15 @@ def _save_png(arr: np.ndarray, path: Path, max_side: int) -> None:
     im = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
     scale = max_side / max(im.size)
     if scale < 1:
-        im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
+        im = im.resize(
+            (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.Resampling.BILINEAR
+        )
     im.save(path, format="PNG")
 
 
-def _summary(methods: List[str], layers: List[str], cells: List[Dict[str, Any]],
-             classes: List[str]) -> List[Dict[str, Any]]:
+def _summary(
+    methods: List[str], layers: List[str], cells: List[Dict[str, Any]], classes: List[str]
+) -> List[Dict[str, Any]]:
     out = []
     for m in methods:
         for layer in layers:
@@ -40,16 +43,25 @@ def _summary(methods: List[str], layers: List[str], cells: List[Dict[str, Any]],
             if not sel:
                 continue
             scored = [c for c in sel if c["hit"] is not None]
-            rec: Dict[str, Any] = {"method": m, "layer": layer, "n": len(sel), "pointing": None, "energy": None,
-                                   "per_class": {}}
+            rec: Dict[str, Any] = {
+                "method": m,
+                "layer": layer,
+                "n": len(sel),
+                "pointing": None,
+                "energy": None,
+                "per_class": {},
+            }
             if scored:
                 rec["pointing"] = float(np.mean([c["hit"] for c in scored]))
                 rec["energy"] = float(np.mean([c["energy"] for c in scored]))
                 for k in classes:
                     pc = [c for c in scored if c["class"] == k]
                     if pc:
-                        rec["per_class"][k] = {"pointing": float(np.mean([c["hit"] for c in pc])),
-                                               "energy": float(np.mean([c["energy"] for c in pc])), "n": len(pc)}
+                        rec["per_class"][k] = {
+                            "pointing": float(np.mean([c["hit"] for c in pc])),
+                            "energy": float(np.mean([c["energy"] for c in pc])),
+                            "n": len(pc),
+                        }
             out.append(rec)
     return out
 
@@ -125,15 +137,31 @@ def build_report(
         rs = read_runner_run(folder, max_images=max_images)
         names = rs.class_names
         for k in range(len(rs.names)):
-            maps = {(m, layer): rs.maps[(k, m, layer)] for m in rs.methods for layer in rs.layers
-                    if (k, m, layer) in rs.maps}
-            scores = ({key: score_map(h, rs.masks[k], tolerance) for key, h in maps.items()}
-                      if rs.masks[k] is not None and rs.masks[k].any() else {})
+            maps = {
+                (m, layer): rs.maps[(k, m, layer)]
+                for m in rs.methods
+                for layer in rs.layers
+                if (k, m, layer) in rs.maps
+            }
+            scores = (
+                {key: score_map(h, rs.masks[k], tolerance) for key, h in maps.items()}  # type: ignore[arg-type]
+                if rs.masks[k] is not None and rs.masks[k].any()  # type: ignore[union-attr]
+                else {}
+            )
             t, p = rs.targets[k], rs.predictions[k]
-            records.append({"name": rs.names[k], "image": rs.images[k], "prob": None, "geometry": None,
-                            "target_name": names[t] if names and 0 <= t < len(names) else f"class {t}",
-                            "pred_name": names[p] if names and 0 <= p < len(names) else f"class {p}",
-                            "correct": t == p, "maps": maps, "scores": scores})
+            records.append(
+                {
+                    "name": rs.names[k],
+                    "image": rs.images[k],
+                    "prob": None,
+                    "geometry": None,
+                    "target_name": names[t] if names and 0 <= t < len(names) else f"class {t}",
+                    "pred_name": names[p] if names and 0 <= p < len(names) else f"class {p}",
+                    "correct": t == p,
+                    "maps": maps,
+                    "scores": scores,
+                }
+            )
         methods, layers, model = rs.methods, rs.layers, rs.description
         shown = f"{len(rs.names)} of {rs.total} sample(s)" if len(rs.names) < rs.total else f"{rs.total} sample(s)"
         target = "runner"
@@ -144,12 +172,19 @@ def build_report(
         scored = score_run(run, masks, tolerance) if masks is not None else {}
         for row in run.rows:
             maps = {(m, layer): run.load_map(row, m, layer) for m in run.methods for layer in run.layers}
-            records.append({
-                "name": row["name"], "image_path": run.image_path(row, image_root), "prob": row["prob_target"],
-                "geometry": run.geometry(), "target_name": row.get("target_name", f"class {row['target']}"),
-                "pred_name": row.get("pred_name", f"class {row['pred']}"), "correct": row["pred"] == row["target"],
-                "maps": maps, "scores": {key[1:]: v for key, v in scored.items() if key[0] == row["name"]},
-            })
+            records.append(
+                {
+                    "name": row["name"],
+                    "image_path": run.image_path(row, image_root),
+                    "prob": row["prob_target"],
+                    "geometry": run.geometry(),
+                    "target_name": row.get("target_name", f"class {row['target']}"),
+                    "pred_name": row.get("pred_name", f"class {row['pred']}"),
+                    "correct": row["pred"] == row["target"],
+                    "maps": maps,
+                    "scores": {key[1:]: v for key, v in scored.items() if key[0] == row["name"]},
+                }
+            )
         methods, layers, model = run.methods, run.layers, str(run.index.get("model", "model"))
         shown = f"{len(run.rows)} image(s)"
         target = run.index.get("target", "pred")
@@ -165,39 +200,75 @@ def build_report(
         thumb = f"img/{stem}.png"
         _save_png(photo, dest / thumb, max_side)
         caption = rec["target_name"] + (f" (p={rec['prob']:.2f})" if rec["prob"] is not None else "")
-        images.append({"name": rec["name"], "caption": caption, "target_name": rec["target_name"],
-                       "pred_name": rec["pred_name"], "prob_target": rec["prob"], "correct": rec["correct"],
-                       "thumb": thumb})
+        images.append(
+            {
+                "name": rec["name"],
+                "caption": caption,
+                "target_name": rec["target_name"],
+                "pred_name": rec["pred_name"],
+                "prob_target": rec["prob"],
+                "correct": rec["correct"],
+                "thumb": thumb,
+            }
+        )
         for (method, layer), heat in rec["maps"].items():
             src = f"img/{stem}__{_safe(method, 0)[6:]}__{_safe(layer, 0)[6:]}.png"
             _save_png(overlay_map(photo, heat, rec["geometry"], cmap=cmap, alpha=alpha), dest / src, max_side)
             sc = rec["scores"].get((method, layer), {})
-            cells.append({"image": i, "method": method, "layer": layer, "src": src, "class": rec["target_name"],
-                          "hit": sc.get("hit"), "energy": sc.get("energy"), "order": len(cells)})
+            cells.append(
+                {
+                    "image": i,
+                    "method": method,
+                    "layer": layer,
+                    "src": src,
+                    "class": rec["target_name"],
+                    "hit": sc.get("hit"),
+                    "energy": sc.get("energy"),
+                    "order": len(cells),
+                }
+            )
     classes = sorted({im["target_name"] for im in images})
     has_scores = any(c["hit"] is not None for c in cells)
     data = {
-        "methods": methods, "layers": layers, "images": images, "cells": cells, "classes": classes,
-        "has_scores": has_scores, "tolerance": tolerance, "summary": _summary(methods, layers, cells, classes),
+        "methods": methods,
+        "layers": layers,
+        "images": images,
+        "cells": cells,
+        "classes": classes,
+        "has_scores": has_scores,
+        "tolerance": tolerance,
+        "summary": _summary(methods, layers, cells, classes),
     }
     page_title = title or f"Saliency maps: {model}"
-    meta = (f"{shown} \u00d7 {len(methods)} method(s) \u00d7 {len(layers)} layer(s); "
-            f"target: {target}; run folder: {folder.resolve().name}")
+    meta = (
+        f"{shown} \u00d7 {len(methods)} method(s) \u00d7 {len(layers)} layer(s); "
+        f"target: {target}; run folder: {folder.resolve().name}"
+    )
     if has_scores:
-        note = (f"Pointing: the map's maximum lies within {tolerance:g} px (model-input pixels) of the object mask. "
-                "Energy: share of the map's positive mass on the mask. Both are computed on the part of the image "
-                "the model saw (the crop); images without a mask are not scored.")
+        note = (
+            f"Pointing: the map's maximum lies within {tolerance:g} px (model-input pixels) of the object mask. "
+            "Energy: share of the map's positive mass on the mask. Both are computed on the part of the image "
+            "the model saw (the crop); images without a mask are not scored."
+        )
     else:
         note = "No object masks (--masks DIR, or a dataset with masks), so no localisation metric is shown."
     note += " Maps are divided by their largest value and drawn over the image"
-    note += ("; the darkened border is what the model's centre crop left out." if any(r["geometry"] for r in records)
-             else ".")
+    note += (
+        "; the darkened border is what the model's centre crop left out."
+        if any(r["geometry"] for r in records)
+        else "."
+    )
     payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
     from ._static import CSS, JS, PAGE
 
-    page = (PAGE.replace("__CSS__", CSS).replace("__JS__", JS)
-            .replace("__TITLE__", html.escape(page_title)).replace("__META__", html.escape(meta))
-            .replace("__NOTE__", html.escape(note)).replace("__DATA__", payload))
+    page = (
+        PAGE.replace("__CSS__", CSS)
+        .replace("__JS__", JS)
+        .replace("__TITLE__", html.escape(page_title))
+        .replace("__META__", html.escape(meta))
+        .replace("__NOTE__", html.escape(note))
+        .replace("__DATA__", payload)
+    )
     index = dest / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

@@ -103,8 +103,9 @@ def record_preprocessing(folder: Union[str, Path], loaded: Any) -> Path:
         >>> record_preprocessing("maps", loaded)
     """
     p = Path(folder) / PREPROCESS_FILE
-    p.write_text(json.dumps(describe_preprocess(loaded.preprocess, loaded.mean, loaded.std), indent=1) + "\n",
-                 encoding="utf-8")
+    p.write_text(
+        json.dumps(describe_preprocess(loaded.preprocess, loaded.mean, loaded.std), indent=1) + "\n", encoding="utf-8"
+    )
     return p
 
 
@@ -216,11 +217,14 @@ def load_explain_run(folder: Union[str, Path]) -> ExplainRun:
     pre_file = d / PREPROCESS_FILE
     pre = json.loads(pre_file.read_text(encoding="utf-8")) if pre_file.is_file() else None
     if pre is None:
-        why = ("its preprocessing has no resize/centre-crop geometry" if pre_file.is_file() else
-               f"it has no {PREPROCESS_FILE} (an older run, or explain_files without record_preprocessing)")
+        why = (
+            "its preprocessing has no resize/centre-crop geometry"
+            if pre_file.is_file()
+            else f"it has no {PREPROCESS_FILE} (an older run, or explain_files without record_preprocessing)"
+        )
         warnings.warn(
-            f"{d}: {why}; maps are drawn over the whole image, which is right only if the model saw the whole "
-            "image", stacklevel=2,
+            f"{d}: {why}; maps are drawn over the whole image, which is right only if the model saw the whole image",
+            stacklevel=2,
         )
     return ExplainRun(d, index, list(index["images"]), list(index["methods"]), list(index["layers"]), pre)
 
@@ -301,8 +305,10 @@ def score_map(heat: np.ndarray, mask: np.ndarray, tolerance: float = 15) -> Dict
 
     m = torch.as_tensor(np.asarray(heat, dtype=np.float64))[None, None]
     t = torch.as_tensor(np.asarray(mask, dtype=bool))[None]
-    return {"hit": bool(pointing_game_hits(m, t, tolerance=tolerance)[0]),
-            "energy": float(energy_pointing_game(m, t, negative="clip")[0])}
+    return {
+        "hit": bool(pointing_game_hits(m, t, tolerance=tolerance)[0]),
+        "energy": float(energy_pointing_game(m, t, negative="clip")[0]),
+    }
 
 
 def score_run(
@@ -401,8 +407,18 @@ def write_grids(
         photo = load_image(run.image_path(row, image_root))
         maps = {m: {layer: [run.load_map(row, m, layer)] for layer in run.layers} for m in run.methods}
         title = f"{row['name']}: {run.index.get('model', '')}"
-        fig = plot_comparison_grid([photo], maps, d / f"grid__{row['name']}.png", captions=[run.caption(row)],
-                                   geometry=[geo], cmap=cmap, alpha=alpha, scale=scale, title=title, dpi=dpi)
+        fig = plot_comparison_grid(
+            [photo],
+            maps,
+            d / f"grid__{row['name']}.png",
+            captions=[run.caption(row)],
+            geometry=[geo],
+            cmap=cmap,
+            alpha=alpha,
+            scale=scale,
+            title=title,
+            dpi=dpi,
+        )
         fig.clear()
         written.append(d / f"grid__{row['name']}.png")
     return written

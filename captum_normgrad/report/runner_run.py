@@ -94,13 +94,15 @@ def read_runner_run(folder: Union[str, Path], max_images: Optional[int] = 100) -
     res = RunnerSamples(d, "", total=len(samples))
     spec = cfg.dataset
     model = cfg.model
-    res.description = f"{model.source} model {model.name or model.factory or ''} on {spec.kind} dataset " \
-                      f"{spec.name or spec.root or spec.factory or ''}".replace("  ", " ").strip()
+    res.description = (
+        f"{model.source} model {model.name or model.factory or ''} on {spec.kind} dataset "
+        f"{spec.name or spec.root or spec.factory or ''}".replace("  ", " ").strip()
+    )
     if spec.kind == "generated":
         from ..datasets import CLASS_NAMES
 
         res.class_names = list(CLASS_NAMES)
-    keys = [k[len("maps/"):] for k in out.keys()]
+    keys = [k[len("maps/") :] for k in out.keys()]
     by_key: Dict[str, Tuple[Any, Any]] = {}
     for k in keys:
         method, _, layer = k.partition("/")

@@ -17,7 +17,8 @@ from typing import Any, Dict
 
 _EXPORTS: Dict[str, str] = {
     **dict.fromkeys(
-        ["RunConfig", "DatasetSpec", "ModelSpec", "MethodSpec", "StatisticsSpec", "load_config", "config_hash"], ".config"
+        ["RunConfig", "DatasetSpec", "ModelSpec", "MethodSpec", "StatisticsSpec", "load_config", "config_hash"],
+        ".config",
     ),
     **dict.fromkeys(["BUILTIN_METHODS", "ImageFolderDataset"], ".resolve"),
     **dict.fromkeys(

@@ -123,7 +123,9 @@ class DatasetSpec:
                 and len(v) > 0
                 and all(isinstance(i, (int, float)) and not isinstance(i, bool) and math.isfinite(i) for i in v)
             ):
-                raise ValueError(f"dataset {nm} must be a non-empty list of finite numbers (one per channel), got {v!r}")
+                raise ValueError(
+                    f"dataset {nm} must be a non-empty list of finite numbers (one per channel), got {v!r}"
+                )
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both dataset mean and std (per-channel normalisation), or neither")
         if self.mean is not None and len(self.mean) != len(self.std):  # type: ignore[arg-type]
@@ -139,7 +141,9 @@ class DatasetSpec:
             raise ValueError(f"dataset resize must be one of {', '.join(map(repr, RESIZE_MODES))}, got {self.resize!r}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"dataset std must be positive, got {self.std!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
             raise ValueError(f"dataset limit must be a positive int, got {self.limit!r}")
 
 
@@ -169,7 +173,9 @@ class ModelSpec:
 
     def validate(self) -> None:
         if self.source not in MODEL_SOURCES:
-            raise ValueError(f"unknown model source {self.source!r}; choose one of {', '.join(map(repr, MODEL_SOURCES))}")
+            raise ValueError(
+                f"unknown model source {self.source!r}; choose one of {', '.join(map(repr, MODEL_SOURCES))}"
+            )
         if self.source in ("torchvision", "benchmark") and not self.name:
             raise ValueError(f"model source {self.source!r} needs name = the model name (e.g. 'resnet18')")
         if self.source == "factory" and not self.factory:
@@ -253,7 +259,15 @@ def _layer_list(v: Any, what: str) -> List[str]:
 
 # Fields that do not change what is computed: excluded from the configuration hash.
 RUNTIME_FIELDS = (
-    "output", "device", "num_workers", "threads", "progress", "timeout_s", "verify", "fingerprint", "on_change"
+    "output",
+    "device",
+    "num_workers",
+    "threads",
+    "progress",
+    "timeout_s",
+    "verify",
+    "fingerprint",
+    "on_change",
 )
 
 
@@ -369,7 +383,7 @@ class RunConfig:
                 raise TypeError(f"methods must hold MethodSpec, dicts or names, got {type(m).__name__}")
             m.validate()
             names.append(m.name)
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted({str(n) for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"method name(s) {dup} used twice; give each method entry a distinct name = '...'")
         self.layers = _layer_list(self.layers, "layers") if self.layers else []
@@ -394,7 +408,9 @@ class RunConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
             raise ValueError(f"threads must be a positive int or omitted, got {self.threads!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be true/false, got {self.progress!r}")

@@ -44,9 +44,9 @@ from .storage import (
     SHARD_DIR,
     OutputLock,
     atomic_write_bytes,
+    atomic_write_json,
     file_fingerprint,
     fingerprint_changed,
-    atomic_write_json,
     remove_stale_temporaries,
     shard_is_complete,
     shard_paths,
@@ -143,6 +143,7 @@ def watch_launcher(poll_s: float = 0.5) -> bool:
     _WATCHING["parent"] = parent
     return True
 
+
 class _Dist:
     """Process-group handle: joins an existing group, starts one under torchrun, or runs alone."""
 
@@ -154,12 +155,18 @@ class _Dist:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if cfg.device == "auto":
             use_cuda = torch.cuda.is_available()
-            self.device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
+            self.device = (
+                torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+                if use_cuda
+                else torch.device("cpu")
+            )
         elif cfg.device == "cpu":
             self.device = torch.device("cpu")
         else:
             if not torch.cuda.is_available():
-                raise ValueError(f"device {cfg.device!r} requested but CUDA is not available; use device = 'auto' or 'cpu'")
+                raise ValueError(
+                    f"device {cfg.device!r} requested but CUDA is not available; use device = 'auto' or 'cpu'"
+                )
             self.device = torch.device(cfg.device) if ":" in cfg.device else torch.device("cuda", local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -412,7 +419,7 @@ def _targets(cfg: RunConfig, labels: Tensor, pred: Tensor, ids: Sequence[str]) -
         return pred
     if cfg.target == "label":
         if (labels < 0).any():
-            bad = [i for i, l in zip(ids, labels.tolist()) if l < 0][:3]
+            bad = [i for i, lab in zip(ids, labels.tolist()) if lab < 0][:3]
             raise ValueError(
                 f"target = 'label' but the dataset gives no label for {bad}; use target = 'prediction' (or a class "
                 "index), or give a dataset with labels (class sub-folders for a folder dataset)"
@@ -445,7 +452,7 @@ class _Computer:
 
     def profiles(self, x: Tensor, labels: Tensor, ids: Sequence[str]) -> Tensor:
         if (labels < 0).any():
-            bad = [i for i, l in zip(ids, labels.tolist()) if l < 0][:3]
+            bad = [i for i, lab in zip(ids, labels.tolist()) if lab < 0][:3]
             raise ValueError(
                 f"parameter-saliency statistics need the true label of every sample; none for {bad} (a flat "
                 "image folder has no labels: use class sub-folders, or turn statistics off)"
@@ -621,7 +628,7 @@ def preprocessing(cfg: RunConfig) -> Tuple[Optional[Callable[[Any], Tensor]], Di
     steps.append(T.ToTensor())
     if mean is not None:
         steps.append(T.Normalize(list(mean), list(std)))  # type: ignore[arg-type]
-        desc.update(mean=list(mean), std=list(std))
+        desc.update(mean=list(mean), std=list(std or []))
     elif cfg.model.source == "torchvision":
         warnings.warn(
             f"torchvision model {cfg.model.name!r} gets the {spec.kind} dataset's images in [0, 1] without "
@@ -833,7 +840,9 @@ def _run(cfg: RunConfig, d: _Dist, user_model: Optional[nn.Module], user_ds: Opt
         extra["preprocess"] = pre_desc
     safe_ds = SafeDataset(ds)
     if callable(getattr(ds, "sample_id", None)):  # e.g. the file list of a folder: added files are a change
-        extra["sample_ids_sha256"] = hashlib.sha256("\n".join(safe_ds.sample_id(i) for i in range(n)).encode()).hexdigest()[:16]
+        extra["sample_ids_sha256"] = hashlib.sha256(
+            "\n".join(safe_ds.sample_id(i) for i in range(n)).encode()
+        ).hexdigest()[:16]
     h = config_hash(cfg, extra)
     ranges = shard_ranges(n, cfg.shard_size)
     _check_data_fits(cfg, safe_ds, n, model, d.device)  # a config that does not fit the data fails here
@@ -1058,7 +1067,14 @@ def _finish(
     failed.sort(key=lambda x: x["index"])
     _write_final(
         out / "index.json",
-        {"format": FORMAT, "config_hash": h, "num_samples": n, "num_shards": len(ranges), "samples": samples, "failed": failed},
+        {
+            "format": FORMAT,
+            "config_hash": h,
+            "num_samples": n,
+            "num_shards": len(ranges),
+            "samples": samples,
+            "failed": failed,
+        },
     )
     stats_path: Optional[str] = None
     if merged is not None:

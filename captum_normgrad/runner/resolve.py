@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # callables
 # ---------------------------------------------------------------------------------------------
@@ -94,9 +93,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         path, label = self.samples[i]
         im = load_image(path)  # every PIL mode read faithfully (16-bit, palette, alpha, ...) or refused
-        x = self.transform(im) if self.transform is not None else torch.from_numpy(
-            np.asarray(im).copy()
-        ).permute(2, 0, 1).float() / 255.0
+        x = (
+            self.transform(im)
+            if self.transform is not None
+            else torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+        )
         return x, label
 
 
@@ -287,7 +288,7 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
             w = None
         elif w is not None and w != "default":
             w = str(cfg.resolve_path(w))
-        model = load_benchmark_model(spec.name, weights=w, **spec.kwargs)
+        model = load_benchmark_model(str(spec.name), weights=w, **spec.kwargs)
     else:
         if ":" not in (spec.factory or ""):
             raise ValueError(

@@ -211,7 +211,9 @@ def fingerprint_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> Optio
     else the size, then the modification time.
     """
     if old.get("missing") or new.get("missing"):
-        return None if old.get("missing") and new.get("missing") else ("removed" if new.get("missing") else "re-created")
+        return (
+            None if old.get("missing") and new.get("missing") else ("removed" if new.get("missing") else "re-created")
+        )
     size = "" if old.get("size") == new.get("size") else f"size {old.get('size')} -> {new.get('size')} bytes"
     if "sha256" in old and "sha256" in new:
         if old["sha256"] == new["sha256"]:
@@ -316,7 +318,7 @@ class OutputLock:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:  # never through a symlink: truncating the owner record would truncate its target
             fd = os.open(str(self.path), flags, 0o666 & ~_UMASK)
-        except OSError as e:
+        except OSError:
             if self.path.is_symlink():
                 raise OutputLockedError(
                     f"{self.path} is a symbolic link (to {os.readlink(self.path)!r}); the runner does not write "
@@ -335,7 +337,11 @@ class OutputLock:
                     f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
                     f" ({owner.get('argv', '')!s})"
                 )
-                if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
+                if (
+                    owner.get("host") == socket.gethostname()
+                    and isinstance(owner.get("pid"), int)
+                    and not _pid_alive(owner["pid"])
+                ):
                     who += (
                         "; that pid is no longer running, so a process that inherited the lock (a worker "
                         f"left behind) still holds it: find it with `fuser {self.path}` and stop it"

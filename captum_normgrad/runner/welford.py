@@ -20,7 +20,7 @@ Two states merge with the parallel formula of Chan, Golub & LeVeque
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -48,7 +48,7 @@ def merge_states(states: Iterable[WelfordState], num_features: Optional[int] = N
     return acc
 
 
-def all_reduce_welford(state: WelfordState, group: Optional[object] = None) -> WelfordState:
+def all_reduce_welford(state: WelfordState, group: Optional[Any] = None) -> WelfordState:
     """Merge one Welford state per rank; every rank returns the same merged state.
 
     The packed states (``WelfordState.pack``: one float64 tensor, on the current GPU under NCCL)
