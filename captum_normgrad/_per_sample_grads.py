@@ -1,0 +1,318 @@
+r"""Per-sample weight gradients from ONE batched forward and backward (activation x backprop).
+
+For a layer ``out = W * a`` (convolution or linear map), the gradient of sample ``i``'s loss with
+respect to ``W`` only needs that sample's input activation ``a_i`` and output gradient
+``g_i = d loss_i / d out_i``:
+
+.. math::
+
+    \nabla_W \ell_i = \sum_{u} g_{i,u}\, a_{i,u}^\top
+    \qquad\text{(conv: } g_i\,(C_{out} \times L) \;@\; \operatorname{unfold}(a_i)^\top\,(L \times C_{in} k^2 / G)\text{)},
+
+a sum over the layer's ``L`` output locations. With the summed loss ``sum_i loss_i`` the batched
+backward pass delivers every ``g_i`` at once (the samples do not interact in eval mode), so the
+per-sample gradients of every Conv/Linear/BatchNorm parameter come from one forward and one
+backward pass, never from a per-sample loop. The gradients of a layer are handed to a consumer
+*inside the backward pass*, in chunks of samples, and dropped: the per-sample gradient of the
+whole model is never held at once (a consumer typically reduces it to a per-filter mean ``|.|``).
+
+This module is plumbing: it knows nothing of saliency. It gives
+
+* :func:`coverage_problem`: why a set of parameters cannot be served by activation x backprop
+  (unsupported module type, subclass with its own ``forward``, parametrisation, shared parameter,
+  BatchNorm using batch statistics) or None;
+* :func:`training_mode_offenders`: the modules whose training mode would mix samples or make the
+  pass random (BatchNorm, Dropout) -- the package's one policy is to refuse them;
+* :func:`per_sample_grads`: the engine. It registers temporary hooks on the caller's model (always
+  removed), never writes ``.grad``, ``.data`` or buffers, and watches (with a
+  :class:`~torch.overrides.TorchFunctionMode`) that every parameter it serves is used by its own
+  module's ``forward`` and only once per pass; otherwise it raises :class:`NotCovered` so that the
+  caller can use an exact fallback (a functional ``vmap`` or a per-sample loop).
+
+With ``create_graph=True`` the gradients are built from differentiable operations (unfold, einsum,
+products), so a function of them can be differentiated again, e.g. with respect to the input.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "NotCovered",
+    "SUPPORTED_MODULES",
+    "coverage_problem",
+    "training_mode_offenders",
+    "per_sample_grads",
+]
+
+#: Module types (exact types, not subclasses) whose ``weight``/``bias`` are served.
+SUPPORTED_MODULES: Tuple[type, ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+)
+
+#: Consumer of one layer's per-sample gradients: ``(parameter name, grads (n, *shape), samples slice)``.
+Consumer = Callable[[str, Tensor, slice], None]
+
+_DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class NotCovered(RuntimeError):
+    """The activation x backprop form does not cover this model/parameter set (use a fallback)."""
+
+
+def training_mode_offenders(model: nn.Module) -> List[str]:
+    """Names of the BatchNorm/Dropout modules in training mode (batch statistics mix samples and
+    update buffers; dropout makes the pass random)."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return [name or "<root>" for name, m in model.named_modules() if m.training and isinstance(m, kinds)]
+
+
+def _owners(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[str, nn.Module, str]]:
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        mod_name, _, attr = name.rpartition(".")
+        out[name] = (mod_name, modules[mod_name], attr)
+    return out
+
+
+def coverage_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
+    """Why the parameters ``names`` of ``model`` cannot be served by :func:`per_sample_grads` (None: they can).
+
+    Checked statically: the owning module's exact type is in :data:`SUPPORTED_MODULES`, the parameter
+    is its ``weight`` or ``bias``, it is not parametrised, not shared with another module, and a
+    BatchNorm uses running statistics. The use of each parameter during the pass is checked again at
+    run time.
+    """
+    from torch.nn.utils import parametrize
+
+    counts: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    params = dict(model.named_parameters())
+    for name, (mod_name, mod, attr) in _owners(model, names).items():
+        if type(mod) not in SUPPORTED_MODULES:
+            return f"{name}: module type {type(mod).__name__} is not one of {[t.__name__ for t in SUPPORTED_MODULES]}"
+        if attr not in ("weight", "bias"):
+            return f"{name}: not a weight or bias"
+        if parametrize.is_parametrized(mod):
+            return f"{name}: the module is parametrised"
+        if counts.get(id(params[name]), 0) > 1:
+            return f"{name}: the parameter is shared with another module"
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if mod.training or mod.running_mean is None or mod.running_var is None:
+                return f"{name}: BatchNorm {mod_name!r} uses batch statistics (samples interact)"
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.transposed:
+            return f"{name}: transposed convolution"
+    return None
+
+
+# --------------------------------------------------------------------------- per-layer maths
+
+
+def _chunks(n: int, per_sample_bytes: int, chunk_size: Optional[int], budget: int) -> List[slice]:
+    step = max(1, budget // max(per_sample_bytes, 1))
+    if chunk_size is not None:
+        step = min(step, chunk_size)
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _conv_unfold(mod: nn.Module, a: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+    """``unfold`` of the input of a Conv1d/Conv2d as ``(n, C_in * prod(k), L)`` (1-D as height 1)."""
+    if isinstance(mod, nn.Conv1d):
+        a = a.unsqueeze(-2)
+        kernel, stride, dilation = (1, *mod.kernel_size), (1, *mod.stride), (1, *mod.dilation)
+        padding: Any = mod.padding if isinstance(mod.padding, str) else (0, *mod.padding)
+        pads = list(mod._reversed_padding_repeated_twice) + [0, 0]
+    else:
+        kernel, stride, dilation, padding = mod.kernel_size, mod.stride, mod.dilation, mod.padding
+        pads = list(mod._reversed_padding_repeated_twice)
+    if isinstance(padding, str) or mod.padding_mode != "zeros":
+        mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+        a = F.pad(a, pads, mode=mode) if any(pads) else a
+        padding = 0
+    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride), tuple(mod.weight.shape)
+
+
+def _conv_weight_grads(mod: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample conv weight gradients ``(n, *weight.shape)`` of inputs ``a`` and output grads ``g``."""
+    cols, wshape = _conv_unfold(mod, a)
+    n, groups = a.shape[0], mod.groups
+    gg = g.reshape(n, groups, wshape[0] // groups, -1)
+    if gg.shape[-1] != cols.shape[-1]:
+        raise NotCovered(f"{type(mod).__name__}: {gg.shape[-1]} output locations but {cols.shape[-1]} input patches")
+    cc = cols.reshape(n, groups, -1, cols.shape[-1])
+    return torch.einsum("ngol,ngcl->ngoc", gg, cc).reshape(n, *wshape)
+
+
+def _layer_grads(mod: nn.Module, attr: str, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample gradient of ``mod.<attr>`` for inputs ``a`` (n, ...) and output grads ``g`` (n, ...)."""
+    n = a.shape[0]
+    if isinstance(mod, nn.Linear):
+        g2 = g.reshape(n, -1, g.shape[-1])
+        if attr == "bias":
+            return g2.sum(1)
+        return torch.bmm(g2.transpose(1, 2), a.reshape(n, -1, a.shape[-1]))
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        g3 = g.reshape(n, g.shape[1], -1)
+        if attr == "bias":
+            return g3.sum(-1)
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        xhat = (a - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var.reshape(shape) + mod.eps)
+        return (g3 * xhat.reshape(n, a.shape[1], -1)).sum(-1)
+    # Conv1d / Conv2d
+    if attr == "bias":
+        return g.reshape(n, g.shape[1], -1).sum(-1)
+    return _conv_weight_grads(mod, a, g)
+
+
+def _per_sample_numel(mod: nn.Module, g: Tensor) -> int:
+    """Numbers held per sample while one chunk is processed (gradients + unfolded input)."""
+    total = sum(p.numel() for p in mod.parameters(recurse=False))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        locations = g[0].numel() // max(g.shape[1], 1)
+        total += mod.weight.shape[1] * mod.groups * (mod.weight[0, 0].numel()) * locations
+    return total
+
+
+# --------------------------------------------------------------------------- use watcher
+
+
+class _UseWatcher(TorchFunctionMode):
+    """Records uses of the served parameters outside their own module's forward (or repeated calls)."""
+
+    def __init__(self, owner_of: Dict[int, int]) -> None:
+        super().__init__()
+        self.owner_of = owner_of  # id(param) -> id(module)
+        self.stack: List[int] = []
+        self.problem: Optional[str] = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.problem is None:
+            for v in list(args) + list(kwargs.values()):
+                for t in v if isinstance(v, (list, tuple)) else (v,):
+                    if isinstance(t, Tensor) and id(t) in self.owner_of:
+                        if not self.stack or self.stack[-1] != self.owner_of[id(t)]:
+                            self.problem = f"a profiled parameter is used outside its module's forward ({func})"
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def per_sample_grads(
+    model: nn.Module,
+    inputs: Tensor,
+    per_sample_losses: Callable[[Tensor], Tensor],
+    names: Sequence[str],
+    consume: Consumer,
+    chunk_size: Optional[int] = None,
+    create_graph: bool = False,
+    chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+) -> Optional[Tensor]:
+    r"""
+    Per-sample gradients of the parameters ``names`` from one batched forward and backward pass.
+
+    The samples must not interact (eval-mode model): check :func:`training_mode_offenders` and
+    :func:`coverage_problem` first.
+
+    Args:
+        model (nn.Module): the caller's model (hooks are added for the call only; nothing is written).
+        inputs (Tensor): batch ``(N, ...)``. With ``create_graph`` it may require grad.
+        per_sample_losses (Callable): ``model output -> (N,)`` losses, row ``i`` depending on sample ``i`` only.
+        names (sequence of str): parameter names (``model.named_parameters()``) to serve.
+        consume (Callable): called, during the backward pass, with ``(name, grads (n, *shape), samples)``
+                    for consecutive chunks ``samples`` of the batch.
+        chunk_size (int, optional): at most this many samples' gradients of one layer at once.
+                    Default: None (a memory budget of ``chunk_bytes`` per layer decides)
+        create_graph (bool, optional): build the graph of the gradients (for a second derivative).
+                    Default: False
+        chunk_bytes (int, optional): memory budget of one chunk. Default: 64 MiB
+
+    Returns:
+        *Tensor* or None: the per-sample losses ``(N,)`` (detached unless ``create_graph``).
+
+    Raises:
+        NotCovered: a served parameter was used outside its module's forward, or a module was
+                    called more than once. Nothing was consumed for a complete result then.
+    """
+    owners = _owners(model, names)
+    by_module: Dict[int, Tuple[nn.Module, List[Tuple[str, str]]]] = {}
+    for name, (_, mod, attr) in owners.items():
+        by_module.setdefault(id(mod), (mod, []))[1].append((name, attr))
+    owner_of = {id(getattr(mod, attr)): id(mod) for (_, mod, attr) in owners.values()}
+    watcher = _UseWatcher(owner_of)
+    calls: Dict[int, int] = {}
+    served_calls: List[int] = []
+    fired: set = set()
+    itemsize = inputs.element_size()
+
+    def pre_hook(mod: nn.Module, args: Tuple[Any, ...]) -> None:
+        watcher.stack.append(id(mod))
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+        if calls[id(mod)] > 1 and watcher.problem is None:
+            watcher.problem = f"module {type(mod).__name__} is called more than once per pass"
+
+    def fwd_hook(mod: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        watcher.stack.pop()
+        a = args[0] if args else None
+        if not isinstance(a, Tensor) or not isinstance(out, Tensor):
+            if watcher.problem is None:
+                watcher.problem = f"module {type(mod).__name__} did not take and return one tensor"
+            return
+        served = by_module[id(mod)][1]
+        a_saved = a if create_graph else a.detach()
+        if not out.requires_grad:
+            if watcher.problem is None:
+                watcher.problem = f"the output of {type(mod).__name__} does not depend on the inputs"
+            return
+
+        def grad_hook(g: Tensor) -> None:
+            fired.add(id(mod))
+            n = a_saved.shape[0]
+            gg = g if create_graph else g.detach()
+            for sl in _chunks(n, _per_sample_numel(mod, gg) * itemsize, chunk_size, chunk_bytes):
+                for name, attr in served:
+                    consume(name, _layer_grads(mod, attr, a_saved[sl], gg[sl]), sl)
+
+        # A tensor hook registered now receives the gradient of this value even if a later
+        # in-place operation (ReLU(inplace=True)) overwrites the tensor.
+        out.register_hook(grad_hook)
+        served_calls.append(id(mod))
+
+    with ExitStack() as stack:
+        for mod, _ in by_module.values():
+            stack.callback(mod.register_forward_pre_hook(pre_hook).remove)
+            stack.callback(mod.register_forward_hook(fwd_hook).remove)
+        x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with watcher:
+                out = model(x)
+            if watcher.problem is not None:
+                raise NotCovered(watcher.problem)
+            losses = per_sample_losses(out)
+            if losses.shape != (x.shape[0],):
+                raise ValueError(f"per-sample losses must have shape ({x.shape[0]},), got {tuple(losses.shape)}")
+            if served_calls:
+                # the whole backward pass down to the input: every hooked output receives its gradient
+                torch.autograd.grad(losses.sum(), x, create_graph=create_graph, allow_unused=True)
+        # a module never called, or whose output does not reach the loss, has zero gradients
+        n = x.shape[0]
+        for mod, served in by_module.values():
+            if id(mod) not in fired:
+                for name, attr in served:
+                    p = getattr(mod, attr)
+                    consume(name, torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device), slice(0, n))
+    return losses if create_graph else losses.detach()
