@@ -102,12 +102,12 @@ def coverage_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
         counts[id(p)] = counts.get(id(p), 0) + 1
     params = dict(model.named_parameters())
     for name, (mod_name, mod, attr) in _owners(model, names).items():
+        if parametrize.is_parametrized(mod):
+            return f"{name}: the module is parametrised"
         if type(mod) not in SUPPORTED_MODULES:
             return f"{name}: module type {type(mod).__name__} is not one of {[t.__name__ for t in SUPPORTED_MODULES]}"
         if attr not in ("weight", "bias"):
             return f"{name}: not a weight or bias"
-        if parametrize.is_parametrized(mod):
-            return f"{name}: the module is parametrised"
         if counts.get(id(params[name]), 0) > 1:
             return f"{name}: the parameter is shared with another module"
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
