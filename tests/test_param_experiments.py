@@ -142,6 +142,24 @@ def test_input_space_errors():
         InputSpaceSaliency(ps).attribute(x, y, k=0, mode="naive")
     with pytest.raises(ValueError, match="reduce"):
         InputSpaceSaliency(ps).attribute(x, y, mode="naive", reduce="mean")
+    for bad in (float("nan"), float("inf")):  # used to pass silently (NaN attributions)
+        with pytest.raises(ValueError, match="boost must be a finite number"):
+            InputSpaceSaliency(ps).attribute(x, y, mode="naive", boost=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        InputSpaceSaliency(ps).attribute(x, y, mode="naive", chunk_size=0)
+
+
+@pytest.mark.parametrize("engine", ["batched", "vmap", "loop"])
+def test_input_space_every_engine_matches_hand_built_double_backward(engine):
+    model = make()
+    x, y = data(3, seed=7)
+    ps = ParameterSaliency(model, mode="naive", engine=engine)
+    before = snapshot(model)
+    got = InputSpaceSaliency(ps).attribute(x, y, k=3, chunk_size=2)
+    assert_bit_identical(before, snapshot(model))
+    ones = torch.ones(ps.num_features, dtype=torch.float64)
+    want = hand_built_input_saliency(model, x, y, torch.zeros_like(ones), ones, 3, 100.0)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- turn-off
