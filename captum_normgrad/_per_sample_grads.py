@@ -36,7 +36,7 @@ products), so a function of them can be differentiated again, e.g. with respect 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +61,13 @@ SUPPORTED_MODULES: Tuple[type, ...] = (
     nn.BatchNorm3d,
 )
 
-#: Consumer of one layer's per-sample gradients: ``(parameter name, grads (n, *shape), samples slice)``.
-Consumer = Callable[[str, Tensor, slice], None]
+#: Consumer of per-sample gradients: ``(parameter name, grads (n, r, *shape[1:]), samples, rows)``:
+#: rows ``rows`` (slice of dim 0, e.g. output channels) of the gradients of samples ``samples``.
+Consumer = Callable[[str, Tensor, slice, slice], None]
 
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: numbers in one block of per-sample gradients handed to the consumer (1 MiB in float32: in cache)
+_BLOCK_NUMEL = 2**18
 
 
 class NotCovered(RuntimeError):
@@ -121,14 +124,7 @@ def coverage_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
 # --------------------------------------------------------------------------- per-layer maths
 
 
-def _chunks(n: int, per_sample_bytes: int, chunk_size: Optional[int], budget: int) -> List[slice]:
-    step = max(1, budget // max(per_sample_bytes, 1))
-    if chunk_size is not None:
-        step = min(step, chunk_size)
-    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
-
-
-def _conv_unfold(mod: nn.Module, a: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+def _conv_unfold(mod: nn.Module, a: Tensor) -> Tensor:
     """``unfold`` of the input of a Conv1d/Conv2d as ``(n, C_in * prod(k), L)`` (1-D as height 1)."""
     if isinstance(mod, nn.Conv1d):
         a = a.unsqueeze(-2)
@@ -142,48 +138,73 @@ def _conv_unfold(mod: nn.Module, a: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
         a = F.pad(a, pads, mode=mode) if any(pads) else a
         padding = 0
-    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride), tuple(mod.weight.shape)
+    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
-def _conv_weight_grads(mod: nn.Module, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample conv weight gradients ``(n, *weight.shape)`` of inputs ``a`` and output grads ``g``."""
-    cols, wshape = _conv_unfold(mod, a)
-    n, groups = a.shape[0], mod.groups
-    gg = g.reshape(n, groups, wshape[0] // groups, -1)
-    if gg.shape[-1] != cols.shape[-1]:
-        raise NotCovered(f"{type(mod).__name__}: {gg.shape[-1]} output locations but {cols.shape[-1]} input patches")
-    cc = cols.reshape(n, groups, -1, cols.shape[-1])
-    return torch.einsum("ngol,ngcl->ngoc", gg, cc).reshape(n, *wshape)
+def _sample_step(n: int, per_sample: int, budget: int, chunk_size: Optional[int]) -> int:
+    step = max(1, min(n, budget // max(per_sample, 1)))
+    return step if chunk_size is None else max(1, min(step, chunk_size))
 
 
-def _layer_grads(mod: nn.Module, attr: str, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample gradient of ``mod.<attr>`` for inputs ``a`` (n, ...) and output grads ``g`` (n, ...)."""
+def _weight_blocks(
+    mod: nn.Module, a: Tensor, g: Tensor, chunk_size: Optional[int], block: int, budget: int
+) -> Iterator[Tuple[slice, slice, Tensor]]:
+    """Per-sample weight gradients of a Conv1d/Conv2d/Linear in blocks ``(samples, rows, grads)``.
+
+    ``grads`` has shape ``(len(samples), len(rows), *weight.shape[1:])``: rows (output channels) of
+    the weight for a chunk of samples. A block holds at most about ``block`` numbers (so that it is
+    still in cache when the consumer reduces it: where a layer has few locations, writing the whole
+    per-sample gradient to memory would cost more than computing it), the unfolded input of a chunk
+    of samples at most ``budget`` bytes.
+    """
+    w = mod.weight
+    n, rows_total, per_row = a.shape[0], w.shape[0], w[0].numel()
+    if isinstance(mod, nn.Linear):
+        groups = 1
+        gg = g.reshape(n, 1, -1, rows_total).transpose(-1, -2)  # (n, 1, out, T)
+        cols_of: Callable[[slice], Tensor] = lambda sl: a[sl].reshape(sl.stop - sl.start, 1, -1, per_row).transpose(-1, -2)
+        locations = gg.shape[-1]
+    else:
+        groups = mod.groups
+        gg = g.reshape(n, groups, rows_total // groups, -1)
+        locations = gg.shape[-1]
+        cols_of = lambda sl: _conv_unfold(mod, a[sl]).reshape(sl.stop - sl.start, groups, per_row, -1)
+    rows_g = rows_total // groups
+    cols_bytes = per_row * groups * locations * a.element_size()
+    step = min(_sample_step(n, rows_total * per_row, block, chunk_size), _sample_step(n, cols_bytes, budget, None))
+    for start in range(0, n, step):
+        sl = slice(start, min(start + step, n))
+        cols = cols_of(sl)  # (s, G, per_row, L)
+        if cols.shape[-1] != locations:
+            raise NotCovered(f"{type(mod).__name__}: {locations} output locations but {cols.shape[-1]} input patches")
+        gs = gg[sl]
+        if step > 1 or rows_total * per_row <= block:
+            yield sl, slice(0, rows_total), torch.einsum("ngol,ngcl->ngoc", gs, cols).reshape(-1, *w.shape)
+        elif groups == 1:
+            rb = max(1, block // per_row)
+            ct = cols[:, 0].transpose(1, 2)
+            for r0 in range(0, rows_total, rb):
+                r = slice(r0, min(r0 + rb, rows_total))
+                yield sl, r, torch.bmm(gs[:, 0, r], ct).reshape(-1, r.stop - r.start, *w.shape[1:])
+        else:
+            gb = max(1, block // (rows_g * per_row))
+            for g0 in range(0, groups, gb):
+                gsl = slice(g0, min(g0 + gb, groups))
+                blk = torch.einsum("ngol,ngcl->ngoc", gs[:, gsl], cols[:, gsl])
+                yield sl, slice(g0 * rows_g, gsl.stop * rows_g), blk.reshape(-1, (gsl.stop - g0) * rows_g, *w.shape[1:])
+
+
+def _small_grads(mod: nn.Module, attr: str, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample gradient ``(n, *shape)`` of a bias or a BatchNorm affine parameter."""
     n = a.shape[0]
     if isinstance(mod, nn.Linear):
-        g2 = g.reshape(n, -1, g.shape[-1])
-        if attr == "bias":
-            return g2.sum(1)
-        return torch.bmm(g2.transpose(1, 2), a.reshape(n, -1, a.shape[-1]))
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        g3 = g.reshape(n, g.shape[1], -1)
-        if attr == "bias":
-            return g3.sum(-1)
+        return g.reshape(n, -1, g.shape[-1]).sum(1)
+    g3 = g.reshape(n, g.shape[1], -1)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and attr == "weight":
         shape = (1, -1) + (1,) * (a.dim() - 2)
         xhat = (a - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var.reshape(shape) + mod.eps)
         return (g3 * xhat.reshape(n, a.shape[1], -1)).sum(-1)
-    # Conv1d / Conv2d
-    if attr == "bias":
-        return g.reshape(n, g.shape[1], -1).sum(-1)
-    return _conv_weight_grads(mod, a, g)
-
-
-def _per_sample_numel(mod: nn.Module, g: Tensor) -> int:
-    """Numbers held per sample while one chunk is processed (gradients + unfolded input)."""
-    total = sum(p.numel() for p in mod.parameters(recurse=False))
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        locations = g[0].numel() // max(g.shape[1], 1)
-        total += mod.weight.shape[1] * mod.groups * (mod.weight[0, 0].numel()) * locations
-    return total
+    return g3.sum(-1)  # a conv bias, a BatchNorm bias
 
 
 # --------------------------------------------------------------------------- use watcher
@@ -221,6 +242,7 @@ def per_sample_grads(
     chunk_size: Optional[int] = None,
     create_graph: bool = False,
     chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    block_numel: int = _BLOCK_NUMEL,
 ) -> Optional[Tensor]:
     r"""
     Per-sample gradients of the parameters ``names`` from one batched forward and backward pass.
@@ -233,13 +255,18 @@ def per_sample_grads(
         inputs (Tensor): batch ``(N, ...)``. With ``create_graph`` it may require grad.
         per_sample_losses (Callable): ``model output -> (N,)`` losses, row ``i`` depending on sample ``i`` only.
         names (sequence of str): parameter names (``model.named_parameters()``) to serve.
-        consume (Callable): called, during the backward pass, with ``(name, grads (n, *shape), samples)``
-                    for consecutive chunks ``samples`` of the batch.
+        consume (Callable): called, during the backward pass, with ``(name, grads, samples, rows)``:
+                    ``grads`` ``(len(samples), len(rows), *shape[1:])`` holds rows ``rows`` (slice of
+                    dim 0: output channels) of the gradients of the samples ``samples`` (slice of
+                    the batch). Every (sample, row) is delivered once.
         chunk_size (int, optional): at most this many samples' gradients of one layer at once.
                     Default: None (a memory budget of ``chunk_bytes`` per layer decides)
         create_graph (bool, optional): build the graph of the gradients (for a second derivative).
                     Default: False
-        chunk_bytes (int, optional): memory budget of one chunk. Default: 64 MiB
+        chunk_bytes (int, optional): memory budget of the unfolded input of one chunk of samples.
+                    Default: 64 MiB
+        block_numel (int, optional): numbers in one block of gradients handed to ``consume``
+                    (small blocks are reduced while still in cache). Default: 2**18
 
     Returns:
         *Tensor* or None: the per-sample losses ``(N,)`` (detached unless ``create_graph``).
@@ -257,7 +284,6 @@ def per_sample_grads(
     calls: Dict[int, int] = {}
     served_calls: List[int] = []
     fired: set = set()
-    itemsize = inputs.element_size()
 
     def pre_hook(mod: nn.Module, args: Tuple[Any, ...]) -> None:
         watcher.stack.append(id(mod))
@@ -281,11 +307,17 @@ def per_sample_grads(
 
         def grad_hook(g: Tensor) -> None:
             fired.add(id(mod))
-            n = a_saved.shape[0]
             gg = g if create_graph else g.detach()
-            for sl in _chunks(n, _per_sample_numel(mod, gg) * itemsize, chunk_size, chunk_bytes):
-                for name, attr in served:
-                    consume(name, _layer_grads(mod, attr, a_saved[sl], gg[sl]), sl)
+            n = gg.shape[0]
+            for name, attr in served:
+                if attr == "weight" and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    for sl, rows, grads in _weight_blocks(mod, a_saved, gg, chunk_size, block_numel, chunk_bytes):
+                        consume(name, grads, sl, rows)
+                else:
+                    rows = slice(0, getattr(mod, attr).shape[0])
+                    for start in range(0, n, chunk_size or n):
+                        sl = slice(start, min(start + (chunk_size or n), n))
+                        consume(name, _small_grads(mod, attr, a_saved[sl], gg[sl]), sl, rows)
 
         # A tensor hook registered now receives the gradient of this value even if a later
         # in-place operation (ReLU(inplace=True)) overwrites the tensor.
@@ -314,5 +346,6 @@ def per_sample_grads(
             if id(mod) not in fired:
                 for name, attr in served:
                     p = getattr(mod, attr)
-                    consume(name, torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device), slice(0, n))
+                    zeros = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+                    consume(name, zeros, slice(0, n), slice(0, p.shape[0]))
     return losses if create_graph else losses.detach()

