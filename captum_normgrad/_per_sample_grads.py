@@ -66,8 +66,8 @@ SUPPORTED_MODULES: Tuple[type, ...] = (
 Consumer = Callable[[str, Tensor, slice, slice], None]
 
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
-#: numbers in one block of per-sample gradients handed to the consumer (1 MiB in float32: in cache)
-_BLOCK_NUMEL = 2**18
+#: numbers in one block of per-sample gradients handed to the consumer (4 MiB in float32: stays in the last-level cache)
+_BLOCK_NUMEL = 2**20
 
 
 class NotCovered(RuntimeError):
@@ -266,7 +266,7 @@ def per_sample_grads(
         chunk_bytes (int, optional): memory budget of the unfolded input of one chunk of samples.
                     Default: 64 MiB
         block_numel (int, optional): numbers in one block of gradients handed to ``consume``
-                    (small blocks are reduced while still in cache). Default: 2**18
+                    (small blocks are reduced while still in cache). Default: 2**20
 
     Returns:
         *Tensor* or None: the per-sample losses ``(N,)`` (detached unless ``create_graph``).
