@@ -258,7 +258,8 @@ def per_sample_grads(
         consume (Callable): called, during the backward pass, with ``(name, grads, samples, rows)``:
                     ``grads`` ``(len(samples), len(rows), *shape[1:])`` holds rows ``rows`` (slice of
                     dim 0: output channels) of the gradients of the samples ``samples`` (slice of
-                    the batch). Every (sample, row) is delivered once.
+                    the batch). Every (sample, row) is delivered once; ``grads`` is not used
+                    again after the call (the consumer may overwrite it).
         chunk_size (int, optional): at most this many samples' gradients of one layer at once.
                     Default: None (a memory budget of ``chunk_bytes`` per layer decides)
         create_graph (bool, optional): build the graph of the gradients (for a second derivative).
