@@ -329,8 +329,11 @@ def per_sample_grads(
         for mod, _ in by_module.values():
             stack.callback(mod.register_forward_pre_hook(pre_hook).remove)
             stack.callback(mod.register_forward_hook(fwd_hook).remove)
-        x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+        if not inputs.is_floating_point():
+            raise NotCovered(f"inputs of dtype {inputs.dtype} cannot carry the backward pass")
+        leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
         with torch.enable_grad():
+            x = leaf.clone()  # not a leaf: a model may modify its input in place
             with watcher:
                 out = model(x)
             if watcher.problem is not None:
@@ -340,7 +343,7 @@ def per_sample_grads(
                 raise ValueError(f"per-sample losses must have shape ({x.shape[0]},), got {tuple(losses.shape)}")
             if served_calls:
                 # the whole backward pass down to the input: every hooked output receives its gradient
-                torch.autograd.grad(losses.sum(), x, create_graph=create_graph, allow_unused=True)
+                torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph, allow_unused=True)
         # a module never called, or whose output does not reach the loss, has zero gradients
         n = x.shape[0]
         for mod, served in by_module.values():

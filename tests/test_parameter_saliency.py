@@ -469,3 +469,15 @@ def test_uncovered_models_fall_back_and_engine_batched_refuses_them():
         ParameterSaliency(model, engine="grouped")
     with pytest.raises(ValueError, match="vectorize=False"):
         ParameterSaliency(model, vectorize=False, engine="vmap")
+
+
+def test_a_model_modifying_its_input_in_place_and_the_callers_tensor_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 3)).eval()
+    x, y = data(3)
+    keep = x.clone()
+    ps = ParameterSaliency(model, mode="naive")
+    assert ps.resolve_engine() == "batched"
+    got = ps.profiles(x, y)
+    assert torch.equal(x, keep)
+    torch.testing.assert_close(got, loop_profiles(model, keep.clone(), y), rtol=1e-5, atol=1e-8)
