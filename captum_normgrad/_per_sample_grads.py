@@ -68,6 +68,8 @@ Consumer = Callable[[str, Tensor, slice, slice], None]
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
 #: numbers in one block of per-sample gradients handed to the consumer (4 MiB in float32: stays in the last-level cache)
 _BLOCK_NUMEL = 2**20
+#: Conv2d layers with at least this many output locations use a batch-1 weight-gradient kernel per sample
+_DIRECT_MIN_LOCATIONS = 512
 
 
 class NotCovered(RuntimeError):
@@ -170,6 +172,23 @@ def _weight_blocks(
         locations = gg.shape[-1]
         cols_of = lambda sl: _conv_unfold(mod, a[sl]).reshape(sl.stop - sl.start, groups, per_row, -1)
     rows_g = rows_total // groups
+    if (
+        isinstance(mod, nn.Conv2d)
+        and locations >= _DIRECT_MIN_LOCATIONS
+        and not g.requires_grad
+        and not isinstance(mod.padding, str)
+        and mod.padding_mode == "zeros"
+    ):
+        # many locations: the weight-gradient kernel of a batch-1 convolution per sample beats
+        # unfold + matmul (no unfolded copy of the input); not differentiable, hence not with create_graph
+        wd = w.detach()
+        for i in range(n):
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                g[i : i + 1], a[i : i + 1], wd, None, mod.stride, mod.padding, mod.dilation, False, [0, 0],
+                groups, [False, True, False],
+            )
+            yield slice(i, i + 1), slice(0, rows_total), gw.unsqueeze(0)
+        return
     cols_bytes = per_row * groups * locations * a.element_size()
     step = min(_sample_step(n, rows_total * per_row, block, chunk_size), _sample_step(n, cols_bytes, budget, None))
     for start in range(0, n, step):
@@ -292,6 +311,8 @@ def per_sample_grads(
         if calls[id(mod)] > 1 and watcher.problem is None:
             watcher.problem = f"module {type(mod).__name__} is called more than once per pass"
 
+    recorded: List[Tuple[Tensor, int]] = []
+
     def fwd_hook(mod: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
         watcher.stack.pop()
         a = args[0] if args else None
@@ -324,6 +345,7 @@ def per_sample_grads(
         # in-place operation (ReLU(inplace=True)) overwrites the tensor.
         out.register_hook(grad_hook)
         served_calls.append(id(mod))
+        recorded.append((out, out._version))
 
     with ExitStack() as stack:
         for mod, _ in by_module.values():
@@ -342,8 +364,14 @@ def per_sample_grads(
             if losses.shape != (x.shape[0],):
                 raise ValueError(f"per-sample losses must have shape ({x.shape[0]},), got {tuple(losses.shape)}")
             if served_calls:
-                # the whole backward pass down to the input: every hooked output receives its gradient
-                torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph, allow_unused=True)
+                # Every hooked output must receive its gradient. Asking for the gradients of the hooked
+                # outputs themselves stops the pass there (no input gradient of the first layer); an
+                # output modified in place since (ReLU(inplace=True) after a BatchNorm) would be asked
+                # for its new value, so then the pass goes down to the input.
+                unchanged = all(o._version == v for o, v in recorded)
+                targets = [o for o, _ in recorded] if unchanged and not create_graph else [leaf]
+                torch.autograd.grad(losses.sum(), targets, create_graph=create_graph, allow_unused=True)
+                del targets
         # a module never called, or whose output does not reach the loss, has zero gradients
         n = x.shape[0]
         for mod, served in by_module.values():

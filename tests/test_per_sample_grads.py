@@ -90,11 +90,13 @@ def make_zoo(dtype=torch.float64):
     return m.to(dtype).eval()
 
 
-def test_every_layer_form_equals_the_per_sample_loop_in_float64():
+@pytest.mark.parametrize("size", [12, 48])  # 48 px: layers with >= 512 locations take the batch-1 kernel path
+@pytest.mark.parametrize("which", ["all", "weights"])  # "weights": no served output is modified in place
+def test_every_layer_form_equals_the_per_sample_loop_in_float64(size, which):
     model = make_zoo()
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if which == "all" or p.dim() > 1]
     assert coverage_problem(model, names) is None
-    x = torch.randn(5, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 1, 0])
     want = loop_grads(model, x, y, names)
     # whole batch, a chunk of 2 samples, a memory budget forcing one sample per chunk, and blocks of
