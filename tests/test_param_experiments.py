@@ -314,3 +314,26 @@ def test_layer_depth_bias_shares(fitted):
     assert set(stage_labels(ps, stages=lambda name: name[:2])) == {"co", "la"}
     with pytest.raises(ValueError, match="profiles"):
         layer_depth_bias(ps, prof[:, :3])
+
+
+def test_experiments_work_with_a_users_full_backward_hook(fitted):
+    """Issue 15: a full backward hook used to fail inside torch.func; the results must not change."""
+    model, ps = fitted
+    x, y = data(12, seed=3)
+    want_ft = fine_tune_experiment(ps, x, y, k=3, lr=0.5, n_neighbors=2, max_sources=2, progress=False)
+    want_off = turn_off_experiment(ps, x, y, ks=[1, 2], n_random=2, progress=False)
+    handle = model.layer2.register_full_backward_hook(lambda m, gi, go: None)
+    try:
+        got_ft = fine_tune_experiment(ps, x, y, k=3, lr=0.5, n_neighbors=2, max_sources=2, progress=False)
+        got_off = turn_off_experiment(ps, x, y, ks=[1, 2], n_random=2, progress=False)
+    finally:
+        handle.remove()
+    for got, want in ((got_ft, want_ft), (got_off, want_off)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+                else:
+                    assert a[key] == b[key], key
