@@ -26,4 +26,26 @@ if ! "$_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_
 fi
 export PATH="$_venv/bin:$PATH"
 export PY="$_venv/bin/python"
+# Browser for tests/test_browser.py: Debian's Chromium (apt-get, when root) and Playwright
+# (requirements/browser.txt, kept out of lock.txt so the venv cache key does not change).
+# Where the set-up is possible, CAPTUM_NORMGRAD_REQUIRE_BROWSER=1 makes a missing browser a test
+# failure instead of a skip. CAPTUM_NORMGRAD_NO_BROWSER=1 skips the set-up.
+if [ -z "${CAPTUM_NORMGRAD_NO_BROWSER:-}" ]; then
+  _can_apt=0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then _can_apt=1; fi
+  if [ ! -x /usr/bin/chromium ] && [ "$_can_apt" = 1 ]; then
+    echo "[bootstrap] installing chromium with apt-get for the browser tests" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >"$_cache/apt-chromium.log" 2>&1; then
+      echo "[bootstrap] warning: apt-get install chromium failed, see $_cache/apt-chromium.log" >&2
+    fi
+  fi
+  if ! "$_venv/bin/python" -c "import playwright" >/dev/null 2>&1; then
+    "$_venv/bin/python" -m pip install -q -r "$_root/requirements/browser.txt" >"$_cache/pip-browser.log" 2>&1 \
+      || echo "[bootstrap] warning: pip install -r requirements/browser.txt failed, see $_cache/pip-browser.log" >&2
+  fi
+  if [ "$_can_apt" = 1 ] || { [ -x /usr/bin/chromium ] && "$_venv/bin/python" -c "import playwright" >/dev/null 2>&1; }; then
+    export CAPTUM_NORMGRAD_REQUIRE_BROWSER=1
+  fi
+fi
 set +euo pipefail

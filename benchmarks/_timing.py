@@ -278,11 +278,12 @@ def peak_memory(fn: Callable[[], Any], device: Any = "cpu") -> Tuple[int, str]:
 
 
 def torchvision_model(name: str, seed: int = 0, device: Any = "cpu") -> torch.nn.Module:
-    """A torchvision classifier with seeded random weights (no download), in eval mode."""
-    import torchvision
+    """A torchvision classifier with seeded random weights (no download), in eval mode, built by
+    the package's one model loader."""
+    from captum_normgrad.models import torchvision_model as build
 
     torch.manual_seed(seed)
-    return getattr(torchvision.models, name)(weights=None).eval().to(device)
+    return build(name).to(device)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -9,7 +9,7 @@ pointing
     Pointing game on single-object images, TorchRay protocol: the map is upsampled (bilinear) to
     the 64 x 64 image, its argmax is the point, a hit when a mask pixel of the explained object
     lies *strictly* closer than ``--tolerance`` pixels; the score is the mean over classes of
-    the per-class hit rate (``captum_normgrad.metrics.pointing_game``). TorchRay's 15 px are
+    the per-class hit rate (``captum_normgrad.evaluation.pointing_game``). TorchRay's 15 px are
     measured on the original PASCAL VOC / COCO images (about 450 px on a side), i.e. about 3.3%
     of the image side; 3.3% of 64 px is 2.1 px, so the tolerance here is **2 px**. Explained
     class: the ground truth. A *centre* baseline (always point at the image centre) is
@@ -23,12 +23,12 @@ selectivity
     argmax pixel lies inside the explained / the other object's mask (tolerance 0: the objects
     can be 3 px apart).
 sensitivity
-    Class sensitivity (``captum_normgrad.sanity.class_sensitivity``): Spearman rho between the
+    Class sensitivity (``captum_normgrad.evaluation.class_sensitivity``): Spearman rho between the
     maps of the most and the least probable class, at the layer's resolution, signed maps as they
     are; lower is more class-sensitive.
 randomization
     Model parameter randomization at full cascade
-    (``captum_normgrad.sanity.model_parameter_randomization`` with every parameterised module
+    (``captum_normgrad.evaluation.model_parameter_randomization`` with every parameterised module
     re-initialised): Spearman rho of the absolute maps (99th-percentile clipped) and SSIM between
     the trained model's map and the fully randomised model's map, each explaining its own argmax
     class; lower means the map depends on what the model learned (passes the sanity check).
@@ -60,19 +60,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from captum_normgrad import LayerNormGrad
+from captum_normgrad._layers import get_layers
+from captum_normgrad.registry import MethodEntry, get_method
 from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset, TwoObjectShapesDataset
-from captum_normgrad.metrics import energy_pointing_game, pointing_game, pointing_points
-from captum_normgrad.metrics.adapters import reduce_map_channels
+from captum_normgrad._maps import reduce_map_channels
+from captum_normgrad.evaluation import energy_pointing_game, pointing_game, pointing_points
 from captum_normgrad.models import BENCHMARK_MODELS, benchmark_layers, load_benchmark_model
-from captum_normgrad.sanity import class_sensitivity, model_parameter_randomization, spearman_rho
+from captum_normgrad.evaluation import class_sensitivity, model_parameter_randomization, spearman_rho
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (5e-4, 5e-3, 5e-2)
@@ -96,59 +97,54 @@ CRITERIA = {
 # --------------------------------------------------------------------------- methods
 
 
-def _order1_class() -> type:
-    from captum_normgrad.normgrad_order1 import LayerNormGradOrder1  # lazy: the heaviest method
-
-    return LayerNormGradOrder1
-
-
-def _gradcam(model: nn.Module, layer: Any) -> Any:
-    from captum.attr import LayerGradCam
-
-    return LayerGradCam(model, layer)
-
-
-def _gxa(model: nn.Module, layer: Any) -> Any:
-    from captum.attr import LayerGradientXActivation
-
-    return LayerGradientXActivation(model, layer)
-
-
-def _normgrad(model: nn.Module, layer: Any) -> Any:
-    return LayerNormGrad(model, layer)
-
-
-def _order1(model: nn.Module, layer: Any) -> Any:
-    return _order1_class()(model, layer)
-
-
 _CE = nn.CrossEntropyLoss(reduction="none")
 
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method of the benchmark: factory ``build(model, layer)`` + ``attribute`` kwargs."""
+    """A configuration of the benchmark: a method of :mod:`captum_normgrad.registry` (which alone
+    says what the name computes) plus benchmark-specific ``attribute`` options.
+
+    ``key`` is the configuration's name in the results files (kept stable across releases);
+    ``method`` is the registry name. ``build(model, layer)`` constructs the registry entry's class.
+    """
 
     key: str
     label: str
-    build: Callable[[nn.Module, Any], Any]
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    multi_layer: bool = True  # accepts a list of layers (one pass for all blocks)
-    uses_epsilon: bool = False
+    method: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> MethodEntry:
+        return get_method(self.method)
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        return {**self.entry.defaults, **self.extra}
+
+    @property
+    def multi_layer(self) -> bool:  # accepts a list of layers (one pass for all blocks)
+        return self.entry.multi_layer
+
+    @property
+    def uses_epsilon(self) -> bool:
+        return self.entry.order == 1
+
+    def build(self, model: nn.Module, layer: Any) -> Any:
+        return self.entry.attribution_class()(model, layer)
 
 
 METHODS: Dict[str, Method] = {
     m.key: m
     for m in [
-        Method("gradcam", "Grad-CAM", _gradcam, {"relu_attributions": True}, multi_layer=False),
-        Method("gxa", "Gradient x activation", _gxa, {}, multi_layer=False),
-        Method("normgrad", "NormGrad (order 0)", _normgrad, {}),
-        Method("normgrad_ce", "NormGrad (order 0, CE loss)", _normgrad, {"loss_fn": _CE}),
-        Method("selective", "NormGrad selective", _normgrad, {"virtual_layer": "scaling", "aggregation": "filter_norm"}),
-        # one line per order-1 variant: (key, label, attribute kwargs)
-        Method("order1", "Order 1 (training)", _order1, {"compute_dtype": "auto"}, uses_epsilon=True),
-        Method("order1_adv", "Order 1 adversarial", _order1, {"adversarial": True, "compute_dtype": "auto"}, uses_epsilon=True),
-        Method("lookahead", "Lookahead (hessian='none')", _order1, {"hessian": "none", "compute_dtype": "auto"}, uses_epsilon=True),
+        Method("gradcam", "Grad-CAM", "gradcam_relu"),
+        Method("gxa", "Gradient x activation", "gradxact"),
+        Method("normgrad", "NormGrad (order 0)", "normgrad"),
+        Method("normgrad_ce", "NormGrad (order 0, CE loss)", "normgrad", {"loss_fn": _CE}),
+        Method("selective", "NormGrad selective", "normgrad_selective"),
+        Method("order1", "Order 1 (training)", "normgrad_order1", {"compute_dtype": "auto"}),
+        Method("order1_adv", "Order 1 adversarial", "normgrad_order1_adversarial", {"compute_dtype": "auto"}),
+        Method("lookahead", "Lookahead (hessian='none')", "normgrad_lookahead", {"compute_dtype": "auto"}),
     ]
 }
 
@@ -183,15 +179,12 @@ def compute_maps(
 ) -> Dict[str, Tensor]:
     """``{layer name: (N, 1, h, w) map}`` (channels summed) for every layer, in batches."""
     method = METHODS[key]
-    modules = dict(model.named_modules())
     kw = attribute_kwargs(key, eps)
     out: Dict[str, List[Tensor]] = {n: [] for n in layer_names}
+    bound = method.entry.build(model, get_layers(model, layer_names))
     for start in range(0, x.shape[0], batch):
         xs, ts = x[start : start + batch], target[start : start + batch]
-        if method.multi_layer:
-            res = method.build(model, [modules[n] for n in layer_names]).attribute(xs, target=ts, **kw)
-        else:
-            res = [method.build(model, modules[n]).attribute(xs, target=ts, **kw) for n in layer_names]
+        res = bound.attribute(xs, target=ts, **kw)
         for n, m in zip(layer_names, res):
             out[n].append(reduce_map_channels(m.detach().float(), "sum"))
     return {n: torch.cat(v) for n, v in out.items()}
@@ -449,7 +442,7 @@ def markdown(payload: Dict[str, Any], figures: Dict[str, List[str]]) -> str:
         if "pointing" in r:
             p = r["pointing"]
             L += [f"### {name}: pointing game (%), {p['n_images']} single-object images", "", f"| method | {head} |", sep]
-            L.append(f"| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
+            L.append("| centre baseline | " + " | ".join(_pct(p["centre_baseline"]) for _ in blocks) + " |")
             for cfg, row in p.items():
                 if isinstance(row, dict):
                     L.append(f"| {_label(cfg)} | " + " | ".join(_pct(row[b]) for b in blocks) + " |")

@@ -5,8 +5,9 @@ Measured, interleaved in one process (see ``_timing.py``), medians of repeated r
 
 1. **Time per image at batch 8**: ``LayerNormGradOrder1`` with ``hessian="finite_difference"``
    (the paper), ``"exact"`` (forward-over-reverse HVP) and ``"none"`` (lookahead), against
-   ``LayerNormGrad`` with the same objective (per-sample cross-entropy, ``loss_fn``). Target:
-   finite difference <= 4.5x order 0.
+   ``LayerNormGrad`` with the same objective (per-sample cross-entropy, ``loss_fn``). Targets
+   (issue #14, restated from the first release's 4.5x): finite difference <= 8x order 0 at
+   ``layer2``/``layer3`` and <= 11x at ``layer4``; lookahead <= 4.5x.
    Two yardsticks are timed in the same rounds:
 
    * ``naive loop``: :func:`naive_order1`, one sample at a time, four plain autograd passes on
@@ -43,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
 STEM = "bench_order1"
-TARGET_ORDER1 = 4.5
+TARGET_ORDER1 = {"layer2": 8.0, "layer3": 8.0, "layer4": 11.0}  # finite difference, per layer
+TARGET_LOOKAHEAD = 4.5
 VARIANTS = ("finite_difference", "exact", "none")
 
 
@@ -236,10 +238,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def targets(results: Dict[str, Any]) -> Dict[str, Any]:
     worst = max(r["finite_difference_over_order0"] for r in results["speed"])
+    met = all(r["finite_difference_over_order0"] <= TARGET_ORDER1.get(r["layer"], 8.0) for r in results["speed"])
+    worst_la = max(r["none_over_order0"] for r in results["speed"])
     return {
         "order1_over_order0_worst": worst,
         "order1_over_order0_target": TARGET_ORDER1,
-        "order1_over_order0_met": worst <= TARGET_ORDER1,
+        "order1_over_order0_met": met,
+        "lookahead_over_order0_worst": worst_la,
+        "lookahead_over_order0_target": TARGET_LOOKAHEAD,
+        "lookahead_over_order0_met": worst_la <= TARGET_LOOKAHEAD,
         "floor_over_order0_best": min(r["floor_over_order0"] for r in results["speed"]),
     }
 
@@ -275,8 +282,11 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         f"(`LayerNormGrad(..., loss_fn=per_sample_cross_entropy)`). {env['date_utc']}. "
         + _timing.describe_load(env),
         "",
-        f"**Time per image, ms (ratio to order 0)** — target: finite difference <= {TARGET_ORDER1}x: "
-        f"{ok[tg['order1_over_order0_met']]} (worst {tg['order1_over_order0_worst']:.1f}x)",
+        "**Time per image, ms (ratio to order 0)** — targets (issue #14): finite difference <= "
+        + ", ".join(f"{v:g}x at {k}" for k, v in TARGET_ORDER1.items())
+        + f": {ok[tg['order1_over_order0_met']]} (worst {tg['order1_over_order0_worst']:.1f}x); lookahead <= "
+        f"{TARGET_LOOKAHEAD:g}x: {ok[tg.get('lookahead_over_order0_met', False)]} "
+        f"(worst {tg.get('lookahead_over_order0_worst', float('nan')):.1f}x)",
         "",
         _timing.markdown_table(
             ["layer", "px", "order 0", "order 1 finite diff.", "order 1 exact HVP", "order 1 lookahead",

@@ -36,6 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
+from captum_normgrad._layers import get_layer  # noqa: E402
+
 STEM = "bench_speed"
 
 # the explained point: a 3x3 convolution in the second half of each network
@@ -45,29 +47,40 @@ LAYERS: Dict[str, str] = {
     "vgg16": "features.21",
 }
 
-FAST = ("LayerGradCam", "LayerGradientXActivation", "NormGrad", "NormGrad selective", "NormGrad weights")
-ORDER1 = ("Order 1 finite diff.", "Order 1 exact HVP", "Order 1 lookahead")
+#: row label -> (name in captum_normgrad.registry.METHODS, extra attribute() options): the registry
+#: alone says what each name computes; the labels are those of the published tables.
+ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "LayerGradCam": ("gradcam", {}),
+    "LayerGradientXActivation": ("gradxact", {}),
+    "NormGrad": ("normgrad", {}),
+    "NormGrad selective": ("normgrad_selective", {}),
+    "NormGrad weights": ("normgrad_weights", {}),
+    "Order 1 finite diff.": ("normgrad_order1", {"hessian": "finite_difference"}),
+    "Order 1 exact HVP": ("normgrad_order1", {"hessian": "exact"}),
+    "Order 1 lookahead": ("normgrad_lookahead", {}),
+}
+
+
+def _order(label: str) -> int:
+    from captum_normgrad.registry import get_method
+
+    return get_method(ROWS[label][0]).order
+
+
+FAST = tuple(k for k in ROWS if _order(k) == 0)
+ORDER1 = tuple(k for k in ROWS if _order(k) == 1)
 METHODS = FAST + ORDER1
 
 
 def method_fns(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: List[int]) -> Dict[str, Callable[[], Any]]:
-    """Zero-argument callables, one per method, on the given batch."""
-    from captum.attr import LayerGradCam, LayerGradientXActivation
+    """Zero-argument callables, one per method, on the given batch (the attribution objects built once)."""
+    from captum_normgrad.registry import get_method
 
-    from captum_normgrad import LayerNormGrad, LayerNormGradOrder1
-
-    gc, gxa = LayerGradCam(model, layer), LayerGradientXActivation(model, layer)
-    ng, o1 = LayerNormGrad(model, layer), LayerNormGradOrder1(model, layer)
-    return {
-        "LayerGradCam": lambda: gc.attribute(x, target),
-        "LayerGradientXActivation": lambda: gxa.attribute(x, target),
-        "NormGrad": lambda: ng.attribute(x, target),
-        "NormGrad selective": lambda: ng.attribute(x, target, virtual_layer="scaling", aggregation="filter_norm"),
-        "NormGrad weights": lambda: ng.attribute(x, target, virtual_layer="weights"),
-        "Order 1 finite diff.": lambda: o1.attribute(x, target, hessian="finite_difference"),
-        "Order 1 exact HVP": lambda: o1.attribute(x, target, hessian="exact"),
-        "Order 1 lookahead": lambda: o1.attribute(x, target, hessian="none"),
-    }
+    fns: Dict[str, Callable[[], Any]] = {}
+    for label, (name, extra) in ROWS.items():
+        bound = get_method(name).build(model, [layer])
+        fns[label] = lambda b=bound, kw=extra: b.attribute(x, target, **kw)
+    return fns
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -83,7 +96,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     bar = tqdm(total=total, desc=STEM, unit="round", disable=args.no_progress)
     for name in args.models:
         model = _timing.torchvision_model(name, device=dev)
-        layer = dict(model.named_modules())[LAYERS[name]]
+        layer = get_layer(model, LAYERS[name])
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.rand(batch, 3, args.size, args.size, generator=gen).to(dev)

@@ -143,7 +143,7 @@ def build(results: Path, out: Path) -> Path:
         "```python",
         "from captum_normgrad import LayerNormGrad",
         "from captum_normgrad.datasets import ShapesDataset",
-        "from captum_normgrad.metrics import pointing_game",
+        "from captum_normgrad.evaluation import pointing_game",
         "from captum_normgrad.models import benchmark_layers, load_benchmark_model",
         "",
         "images, labels, masks = ShapesDataset(24, split=\"test\").tensors()",

@@ -18,14 +18,14 @@ _EXPORTS: Dict[str, str] = {
     "per_sample_cross_entropy": ".normgrad_order1",
     "fuse_maps": "._maps",
     "normalize_maps": "._maps",
-    "LayerNoiseTunnel": ".metrics",
-    "as_input_attribution": ".metrics",
-    "pointing_game": ".metrics",
-    "energy_pointing_game": ".metrics",
-    "deletion_curve": ".metrics",
-    "insertion_curve": ".metrics",
-    "model_parameter_randomization": ".sanity",
-    "class_sensitivity": ".sanity",
+    "LayerNoiseTunnel": ".wrappers",
+    "as_input_attribution": ".wrappers",
+    "pointing_game": ".evaluation",
+    "energy_pointing_game": ".evaluation",
+    "deletion_curve": ".evaluation",
+    "insertion_curve": ".evaluation",
+    "model_parameter_randomization": ".evaluation",
+    "class_sensitivity": ".evaluation",
     "ParameterSaliency": ".parameter_saliency",
     "InputSpaceSaliency": ".parameter_saliency",
     "POTScorer": ".parameter_saliency",
@@ -49,15 +49,15 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._maps import fuse_maps, normalize_maps
-    from .metrics import (
-        LayerNoiseTunnel,
-        as_input_attribution,
+    from .evaluation import (
+        class_sensitivity,
         deletion_curve,
         energy_pointing_game,
         insertion_curve,
+        model_parameter_randomization,
         pointing_game,
     )
     from .normgrad import LayerNormGrad
     from .normgrad_order1 import LayerNormGradOrder1, per_sample_cross_entropy
     from .parameter_saliency import InputSpaceSaliency, ParameterSaliency, POTScorer
-    from .sanity import class_sensitivity, model_parameter_randomization
+    from .wrappers import LayerNoiseTunnel, as_input_attribution

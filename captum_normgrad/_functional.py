@@ -379,10 +379,14 @@ class PerSampleModel:
 
         if self.strategy == "vmap":
             return vmap(one, in_dims=(0, 0, 0, 0, self._extra_dims()))(tangent, deltas, x, target, extra)
+        # forward-over-reverse (torch.func) is about twice as fast as the double-vjp trick, which
+        # is kept for models with backward hooks (torch.func does not run them)
+        hooks = bool(backward_hook_owners(self.model))
         outs: List[List[Tensor]] = [[] for _ in deltas]
         for i in range(x[0].shape[0]):
             xi, ei = self._sample(x, extra, i)
-            dg = self._jvp_autograd(params, {k: v[i] for k, v in tangent.items()}, tuple(t[i] for t in deltas), xi, target[i], ei)
+            ti, di = {k: v[i] for k, v in tangent.items()}, tuple(t[i] for t in deltas)
+            dg = self._jvp_autograd(params, ti, di, xi, target[i], ei) if hooks else one(ti, di, xi, target[i], ei)
             for j, t in enumerate(dg):
                 outs[j].append(t)
         return tuple(torch.stack(o) for o in outs)

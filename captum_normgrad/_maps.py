@@ -30,8 +30,10 @@ the groups and maxima are taken over the groups.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ __all__ = [
     "accumulate_to_input",
     "normalize_maps",
     "fuse_maps",
+    "channel_terms",
+    "reduce_map_channels",
+    "resize_maps",
 ]
 
 VIRTUAL_LAYERS: Tuple[str, ...] = ("conv1x1", "scaling", "bias", "conv3x3")
@@ -463,6 +468,24 @@ def channel_terms(x: Tensor, g: Tensor, virtual_layer: str = "conv1x1", aggregat
 # --------------------------------------------------------------------------- normalisation / fusion
 
 
+def _check_finite_maps(maps: Tensor, where: str, what: str = "maps") -> None:
+    """Refuse NaN/Inf: min-max normalisation would spread them silently (a NaN min makes every value NaN)."""
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"{where}: {what} must be a Tensor, got {type(maps).__name__}")
+    if maps.dim() == 0:
+        raise ValueError(f"{where}: {what} must have shape (N, ...) (one map per sample), got a 0-dim tensor")
+    if maps.is_floating_point() or maps.is_complex():
+        if maps.is_complex():
+            raise TypeError(f"{where}: {what} are complex ({maps.dtype}); give real maps (e.g. .abs() or .real)")
+        bad = ~torch.isfinite(maps)
+        if bool(bad.any()):
+            rows = bad.reshape(maps.shape[0], -1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{where}: {what} contain NaN or Inf values (samples {rows[:10]}); clean them first "
+                "(e.g. torch.nan_to_num) or find the degenerate input that produced them"
+            )
+
+
 def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0) -> Tensor:
     r"""Min-max normalise each sample's map to ``[0, 1]``.
 
@@ -483,6 +506,13 @@ def normalize_maps(maps: Tensor, eps: float = 1e-12, constant_value: float = 1.0
         tensor([[0., 1.],
                 [1., 1.]])
     """
+    _check_finite_maps(maps, "normalize_maps")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"normalize_maps: eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(constant_value, (int, float)) and not isinstance(constant_value, bool) and math.isfinite(constant_value)):
+        raise ValueError(f"normalize_maps: constant_value must be a finite number, got {constant_value!r}")
+    if maps.numel() == 0:  # an empty batch (or empty maps): nothing to normalise
+        return maps.clone()
     flat = maps.reshape(maps.shape[0], -1)
     lo = flat.amin(1, keepdim=True)
     hi = flat.amax(1, keepdim=True)
@@ -536,10 +566,13 @@ def fuse_maps(
     w: List[float] = [1.0] * len(maps) if weights is None else [float(v) for v in weights]
     if len(w) != len(maps):
         raise ValueError(f"got {len(w)} weights for {len(maps)} maps")
+    if not all(math.isfinite(v) for v in w):
+        raise ValueError(f"fuse_maps weights must be finite numbers, got {w}")
     if mode == "mean" and sum(w) <= 0:
         raise ValueError("weights for mode='mean' must have a positive sum")
     n = maps[0].shape[0]
-    for m in maps:
+    for i, m in enumerate(maps):
+        _check_finite_maps(m, "fuse_maps", f"map {i}")
         if m.dim() < 3 or m.shape[1] != 1 or m.shape[0] != n:
             raise ValueError(f"every map must have shape (N={n}, 1, *locations), got {tuple(m.shape)}")
     if size is None:
@@ -559,3 +592,79 @@ def fuse_maps(
         for wi, u in zip(w, ups):
             out = out * (u.clamp(min=0) ** wi if mode == "power" else u)
     return out
+
+
+# --------------------------------------------------------------------------- channels and sizes
+
+_LINEAR_MODES = ("linear", "bilinear", "trilinear")
+
+
+def reduce_map_channels(maps: Tensor, reduce_channels: Optional[str] = "sum") -> Tensor:
+    r"""Reduce a layer map ``(N, C, *L)`` to one channel ``(N, 1, *L)``.
+
+    Maps that already have one channel are returned unchanged.
+
+    Args:
+        maps (Tensor): ``(N, C, *L)``.
+        reduce_channels (str or None, optional): ``"sum"`` (what Grad-CAM does with its weighted
+                    activations; for ``LayerGradientXActivation`` it gives gradient x activation
+                    summed over channels), ``"mean"``, or ``None`` to raise when ``C > 1``.
+                    Default: ``"sum"``
+
+    Returns:
+        Tensor: ``(N, 1, *L)``.
+
+    Examples::
+
+        >>> reduce_map_channels(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"maps must be a Tensor, got {type(maps).__name__}")
+    if maps.dim() < 2:
+        raise ValueError(f"maps of shape {tuple(maps.shape)} have no channel dim; expected (N, C, *locations)")
+    if maps.shape[1] == 1:
+        return maps
+    if reduce_channels == "sum":
+        return maps.sum(1, keepdim=True)
+    if reduce_channels == "mean":
+        return maps.mean(1, keepdim=True)
+    if reduce_channels is None:
+        raise ValueError(
+            f"maps have {maps.shape[1]} channels; pass reduce_channels='sum' or 'mean' to reduce them to one"
+        )
+    raise ValueError(f"unknown reduce_channels {reduce_channels!r}; choose 'sum', 'mean' or None")
+
+
+def _interp_mode(mode: str, n_spatial: int) -> str:
+    if mode in _LINEAR_MODES:
+        return _LINEAR_MODES[n_spatial - 1] if 1 <= n_spatial <= 3 else mode
+    return mode
+
+
+def resize_maps(maps: Tensor, size: Sequence[int], interpolate_mode: str = "bilinear") -> Tensor:
+    r"""Interpolate ``(N, C, *L)`` maps to ``size`` (returned unchanged when already that size).
+
+    Linear-family modes are adapted to the number of location dims and use
+    ``align_corners=False`` (the TorchRay and Captum convention).
+
+    Args:
+        maps (Tensor): ``(N, C, *L)`` maps.
+        size (sequence of int): target locations ``*S``.
+        interpolate_mode (str, optional): ``F.interpolate`` mode. Default: ``"bilinear"``
+
+    Returns:
+        Tensor: ``(N, C, *S)``.
+
+    Examples::
+
+        >>> resize_maps(torch.ones(2, 1, 4, 4), (16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[2:]) == size:
+        return maps
+    mode = _interp_mode(interpolate_mode, len(size))
+    kw: Dict[str, Any] = {"align_corners": False} if mode in _LINEAR_MODES + ("bicubic",) else {}
+    src = maps if maps.is_floating_point() else maps.float()
+    return F.interpolate(src, size=size, mode=mode, **kw)

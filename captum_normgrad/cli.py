@@ -120,36 +120,62 @@ def register_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
 # --------------------------------------------------------------------------- explain
 
 
+def _note(text: str) -> None:
+    """A one-line note on stderr (not an error)."""
+    print(f"{PROG}: note: {text}", file=sys.stderr)
+
+
+def _input_size(loaded: "object", image_size: Optional[int]) -> int:
+    """The side of the images the model gets: --image-size, else the preprocessing's crop."""
+    if image_size:
+        return int(image_size)
+    crop = getattr(getattr(loaded, "preprocess", None), "crop_size", None)
+    return int(crop[0]) if crop else 224
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     # Cheap checks first (no torch import): missing files fail in a blink.
     from .io import find_images
 
     items = find_images(args.images, recursive=not args.no_recursive)
 
-    from .explain import METHODS, explain_files, resolve_device
+    from .explain import explain_method_names, explain_files, resolve_device
     from .io import CLIInputError, get_layer, load_model
 
-    methods = [m for v in (args.method or ["normgrad"]) for m in _comma_list(v)]
-    for m in methods:
-        if m not in METHODS:
-            raise CLIInputError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    methods = explain_method_names([m for v in (args.method or ["normgrad"]) for m in _comma_list(v)],
+                                   note=None if args.quiet else _note)
     layer_names = [n for v in args.layer for n in _comma_list(v)]
     formats = _comma_list(args.save)
+    if getattr(args, "grid", False) or getattr(args, "report", False):
+        from .viz import check_style
+
+        check_style(args.cmap, args.alpha)  # before any work
+        if not {"npy", "pt"} & set(formats):
+            formats.append("npy")  # the grid is drawn from the raw maps
     device = resolve_device(args.device)
     loaded = load_model(
         args.model, weights=args.weights, num_classes=args.num_classes, image_size=args.image_size,
         normalize=not args.no_normalize,
     )
+    if layer_names == ["auto"]:
+        from ._layers import suggest_layers
+
+        layer_names = suggest_layers(loaded.model, _input_size(loaded, args.image_size))
+        if not args.quiet:
+            _note(f"--layer auto: {', '.join(layer_names)} (suggested layers: the end of each stage)")
+    elif "auto" in layer_names:
+        raise CLIInputError("--layer auto picks every layer itself: give it alone, or name the layers")
     layers = {name: get_layer(loaded.model, name) for name in layer_names}
     if not loaded.pretrained and not args.quiet:
-        print(f"{PROG}: note: {loaded.description}: maps of an untrained model carry little meaning "
-              "(pass --weights)", file=sys.stderr)
+        _note(f"{loaded.description}: maps of an untrained model carry little meaning (pass --weights)")
     options = {"epsilon": args.epsilon, "hessian": args.hessian,
                "virtual_layer": args.virtual_layer, "aggregation": args.aggregation}
+    layouts = [v for v in _comma_list(args.layout)]
     report = explain_files(
         items, loaded, layers, methods, args.out, target=args.target, batch_size=args.batch_size,
         device=device, formats=formats, options=options, progress=not args.quiet,
-        skip_unreadable=args.skip_unreadable,
+        skip_unreadable=args.skip_unreadable, layout=layouts[0] if len(layouts) == 1 else layouts,
+        note=None if args.quiet else _note,
     )
     per_img = report.seconds / max(report.n_images, 1)
     print(
@@ -159,14 +185,29 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     )
     for path, reason in report.skipped:
         print(f"{PROG}: warning: skipped {reason}", file=sys.stderr)
+    from .report import record_preprocessing
+
+    record_preprocessing(args.out, loaded)  # lets `report` and --grid place the maps on the original photos
+    if getattr(args, "grid", False):
+        from .report import load_explain_run, write_grids
+
+        grids = write_grids(load_explain_run(args.out), cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+        print(f"{len(grids)} comparison grid(s) (methods x layers over each original image): "
+              f"{Path(args.out) / 'grid__*.png'}")
+    if getattr(args, "report", False):
+        from .report import build_report
+
+        page = build_report(args.out, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+        print(f"report: {page} (open it in a browser; no network needed)")
     return EXIT_OK
 
 
 def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``captum-normgrad explain``: saliency maps for image files with any classification model."""
-    from .explain import METHODS
+    from .registry import ALIASES, METHODS
 
-    method_help = "".join(f"  {m.name:<20} {m.summary}\n" for m in METHODS.values())
+    method_help = "".join(f"  {m.name:<28} {m.summary}\n" for m in METHODS.values() if not m.per_channel)
+    method_help += "  (deprecated names: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()) + ")\n"
     p = sub.add_parser(
         "explain",
         help="saliency maps for image files or folders with any torchvision (or your own) model",
@@ -183,6 +224,7 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
             "  captum-normgrad explain a.jpg b.jpg --model vgg16 --weights vgg16.pth --layer features.22 \\\n"
             "      --method normgrad,normgrad1,gradcam --target 281 --save png,pt --out maps\n"
             "  captum-normgrad explain imgs/ --model mypkg.nets:build_net --weights net.pt --layer block2 --out maps\n"
+            "  captum-normgrad explain photos/ --model swin_t --weights DEFAULT --layer auto --out maps\n"
             "  captum-normgrad layers --model resnet50      # the layer names to choose from"
         ),
         formatter_class=_HelpFormatter,
@@ -191,8 +233,12 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     _add_model_args(p)
     g = p.add_argument_group("explanation")
     g.add_argument("--layer", action="append", required=True, metavar="NAME[,NAME...]",
-                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate); "
-                   "see `captum-normgrad layers --model ...`")
+                   help="layer(s) to explain, as named by model.named_modules() (repeat or comma-separate), "
+                   "or auto: the end of each stage (see `captum-normgrad layers --suggest MODEL`)")
+    g.add_argument("--layout", default="auto", metavar="LAYOUT[,LAYOUT...]",
+                   help="layout of the layers' outputs: auto (guessed from the shape), channels_first "
+                   "(N, C, H, W), channels_last (N, H, W, C: Swin) or tokens (N, T, C: ViT; the class token "
+                   "is dropped and the patch grid restored); one for all layers or one per layer")
     g.add_argument("--method", action="append", default=None, metavar="METHOD[,METHOD...]",
                    help="method(s) among those listed above (repeat or comma-separate); default: normgrad")
     g.add_argument("--target", default="pred",
@@ -210,6 +256,15 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     o.add_argument("--out", required=True, help="output folder (created)")
     o.add_argument("--save", default="png,npy", metavar="FORMATS",
                    help="comma-separated among png (overlay), npy, pt (raw maps)")
+    o.add_argument("--grid", action="store_true",
+                   help="also write grid__IMAGE.png per image: methods x layers over the original, uncropped "
+                   "image, with class name, probability and colour bars (publication figure)")
+    o.add_argument("--cmap", default="viridis",
+                   help="colour map of the --grid figures and the --report (any matplotlib name)")
+    o.add_argument("--alpha", type=float, default=0.55,
+                   help="opacity of the maps in the --grid figures and the --report")
+    o.add_argument("--report", action="store_true",
+                   help="also write the browsable HTML report OUT/report/index.html (see `captum-normgrad report`)")
     o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     o.add_argument("--batch-size", type=_positive_int, default=8, help="images per pass")
     o.add_argument("--no-recursive", action="store_true", help="do not look into sub-folders")
@@ -225,14 +280,24 @@ def register_explain(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
 def _cmd_layers(args: argparse.Namespace) -> int:
     import torch
 
-    from .io import layer_names, load_model
+    from .io import CLIInputError, layer_names, load_model
 
-    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+    spec = args.suggest if isinstance(args.suggest, str) else args.model
+    if spec is None:
+        raise CLIInputError("give the model: --model NAME (or --suggest NAME)")
+    if isinstance(args.suggest, str) and args.model is not None and args.model != args.suggest:
+        raise CLIInputError(f"two models given (--model {args.model}, --suggest {args.suggest}): give one")
+    loaded = load_model(spec, weights=args.weights, num_classes=args.num_classes,
                         image_size=args.image_size, normalize=not args.no_normalize)
     model = loaded.model
+    size = _input_size(loaded, args.image_size)
+    names = layer_names(model)
+    if args.suggest:
+        from ._layers import suggest_layers
+
+        names = suggest_layers(model, size)
     shapes = {}
     if not args.no_shapes:
-        size = args.image_size or loaded.preprocess.crop_size[0]
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o))
                  for n, m in model.named_modules() if n]
         try:
@@ -241,11 +306,14 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         finally:
             for h in hooks:
                 h.remove()
-    for name in layer_names(model):
-        mod = dict(model.named_modules())[name]
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules[name]
         out = shapes.get(name)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ("-" if out is None else type(out).__name__)
         print(f"{name}\t{type(mod).__name__}\t{shape}" if not args.no_shapes else f"{name}\t{type(mod).__name__}")
+    if args.suggest and sys.stdout.isatty():
+        print(f"# explain with: --layer {','.join(names)}   (or --layer auto)")
     return EXIT_OK
 
 
@@ -253,15 +321,68 @@ def register_layers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """``captum-normgrad layers``: the layer names of a model, with output shapes."""
     p = sub.add_parser(
         "layers",
-        help="list a model's layer names (for --layer) with their output shapes",
+        help="list a model's layer names (for --layer) with their output shapes, or suggest some",
         description="Print every submodule of the model as NAME<tab>TYPE<tab>OUTPUT SHAPE (one forward pass "
-        "on a blank image of the preprocessing size).",
-        epilog="example:\n  captum-normgrad layers --model resnet50 | grep -v '\\.'",
+        "on a blank image of the preprocessing size). With --suggest, print only the layers worth explaining: "
+        "the end of each stage (where the feature grid shrinks; evenly spaced encoder blocks for a vision "
+        "transformer), the ones `explain --layer auto` uses.",
+        epilog="examples:\n  captum-normgrad layers --model resnet50 | grep -v '\\.'\n"
+        "  captum-normgrad layers --suggest resnet50",
         formatter_class=_HelpFormatter,
     )
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--suggest", nargs="?", const=True, default=None, metavar="MODEL",
+                   help="print only the suggested layers (the end of each stage) of MODEL (or of --model)")
     p.add_argument("--no-shapes", action="store_true", help="skip the forward pass; names and types only")
     p.set_defaults(func=_cmd_layers)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    page = build_report(args.run_folder, out=args.out, masks=args.masks, tolerance=args.tolerance,
+                        image_root=args.images, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet,
+                        max_images=args.max_images)
+    print(f"report: {page} (open it in a browser; the folder {page.parent} is self-contained, no network needed)")
+    return EXIT_OK
+
+
+def register_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``captum-normgrad report RUN_FOLDER``: a browsable HTML report of an explain run."""
+    p = sub.add_parser(
+        "report",
+        help="browsable, self-contained HTML report of an explain or runner run (sort, filter, compare methods)",
+        description=(
+            "Write a static HTML report of the --out folder of `captum-normgrad explain` (or the output\n"
+            "folder of `captum-normgrad run`): every image x method x layer overlaid on the original\n"
+            "image, sortable and filterable, with a side-by-side comparison of two methods. With object\n"
+            "masks (--masks DIR, named like the images; a runner dataset's own masks) every map gets its\n"
+            "pointing hit and energy on the mask, and the summary the rates per method, layer and class.\n"
+            "The report folder needs no network: open index.html in a browser."
+        ),
+        epilog=(
+            "examples:\n"
+            "  captum-normgrad report maps\n"
+            "  captum-normgrad report maps --masks masks/ --out maps_report"
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("run_folder", metavar="RUN_FOLDER",
+                   help="the --out folder of captum-normgrad explain, or the output folder of captum-normgrad run")
+    p.add_argument("--out", default=None, help="report folder (default: RUN_FOLDER/report)")
+    p.add_argument("--masks", default=None, metavar="DIR",
+                   help="folder of object masks named like the images (any image format, non-zero = object)")
+    p.add_argument("--tolerance", type=float, default=15, help="pointing-game tolerance in model-input pixels")
+    p.add_argument("--images", default=None, metavar="DIR", help="folder of the original images, if moved")
+    p.add_argument("--cmap", default="viridis", help="colour map of the overlays (any matplotlib name)")
+    p.add_argument("--alpha", type=float, default=0.55, help="opacity of the maps over the images")
+    p.add_argument("--max-images", type=_positive_int, default=100,
+                   help="runner runs: report the first N samples (explain runs are reported whole)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_report)
 
 
 # --------------------------------------------------------------------------- run (captum_normgrad.runner)
@@ -280,6 +401,7 @@ SUBCOMMANDS: List[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]
     register_explain,
     register_layers,
     register_run,
+    register_report,
 ]
 
 
@@ -320,6 +442,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(os.environ.get("CAPTUM_NORMGRAD_DEBUG"))
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    if not debug:  # warnings as one line each, like the errors
+        warnings.formatwarning = lambda message, category, *a, **k: (  # type: ignore[assignment]
+            f"{PROG} {args.command}: warning: {' '.join(str(message).split())}\n"
+        )
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -339,6 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,6 @@
 r"""Files in and out for the command line: images, models, weights, layers and saved maps.
 
-This module belongs to the *faces* floor of the package (see the architecture notes): it is the
+This module belongs to the *faces* floor of the package: it is the
 only library code that reads images and weight files from disk and writes maps and figures. The
 attribution methods themselves never touch files.
 
@@ -22,11 +22,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import io
 import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ._layers import layer_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -49,6 +52,7 @@ __all__ = [
     "overlay",
     "save_map",
     "save_overlay",
+    "write_file_atomic",
 ]
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (
@@ -125,22 +129,44 @@ def find_images(paths: Sequence[Union[str, Path]], recursive: bool = True) -> Li
                 items.append(ImageItem(q, "__".join(rel.parts)))
         else:
             items.append(ImageItem(p, p.stem))
-    # make names unique, keeping the first occurrence as is
-    seen: Dict[str, int] = {}
+    return _unique_names(items)
+
+
+def _unique_names(items: List[ImageItem]) -> List[ImageItem]:
+    """Give every image its own output stem: the first of equal names keeps it, later ones get
+    ``-2``, ``-3``, ... skipping any name another image has (``a.png``, ``a.jpg``, ``a-2.png``
+    -> ``a``, ``a-3``, ``a-2``). Names are compared case-insensitively (``A.png`` and ``a.png``
+    are one file name on macOS and Windows)."""
+    natural = {it.name.casefold() for it in items}
+    used: set = set()
     unique: List[ImageItem] = []
     for it in items:
-        n = seen.get(it.name, 0)
-        seen[it.name] = n + 1
-        unique.append(it if n == 0 else ImageItem(it.path, f"{it.name}-{n + 1}"))
+        name = it.name
+        if name.casefold() in used:
+            k = 2
+            while f"{name}-{k}".casefold() in used or f"{name}-{k}".casefold() in natural:
+                k += 1
+            name = f"{name}-{k}"
+        used.add(name.casefold())
+        unique.append(ImageItem(it.path, name))
     return unique
 
 
 def load_image(path: Union[str, Path]) -> "Image.Image":
-    r"""Read an image file with PIL and convert it to RGB (decoding it fully, now).
+    r"""Read an image file with PIL as 8-bit RGB, whatever its mode (decoding it fully, now).
+
+    Modes are converted so that the picture is what a viewer shows: 16-bit and 32-bit integer
+    images (``I;16``, ``I``) are scaled from their full range (65535 -> 255, not clipped),
+    floating-point images (``F``) must lie in ``[0, 1]`` or ``[0, 255]``; palette, CMYK, 1-bit,
+    grayscale and YCbCr images are converted by PIL; transparent pixels (``LA``, ``RGBA``, ``PA``
+    or a palette with transparency) are composited onto white. Multi-frame files give their
+    first frame.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CLIInputError: the file is not an image PIL can decode (message names the file).
+        CLIInputError: the file is not an image PIL can decode, is larger than PIL's
+                    decompression-bomb limit, or has a mode that cannot be read faithfully
+                    (message names the file and the fix).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -150,10 +176,63 @@ def load_image(path: Union[str, Path]) -> "Image.Image":
     try:
         with Image.open(p) as im:
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CLIInputError(f"cannot decode image {str(path)!r} ({reason})") from None
+            return _to_rgb8(im, str(path))
+    except Image.DecompressionBombError as e:
+        raise CLIInputError(
+            f"image {str(path)!r} is too large to decode safely ({_first_line(e)}); if you trust it, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before loading"
+        ) from None
+    except CLIInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
+        raise CLIInputError(f"cannot decode image {str(path)!r} ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _to_rgb8(im: "Image.Image", name: str) -> "Image.Image":
+    """8-bit RGB of any PIL image (see :func:`load_image`)."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        if mode.startswith("I;16"):
+            scale = 65535.0
+        elif mode == "I":
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+            if lo < 0 or hi > 65535:
+                raise CLIInputError(
+                    f"image {name!r} is a 32-bit integer image with values in [{lo:g}, {hi:g}]: only 8- and 16-bit "
+                    "ranges are read; convert it to an 8- or 16-bit image"
+                )
+            # a 16-bit PNG or TIFF opened as 32-bit 'I': its range is 16-bit
+            scale = 255.0 if hi <= 255 and im.format not in ("PNG", "TIFF") else 65535.0
+        else:  # F
+            lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.size else (0.0, 0.0)
+            if not np.isfinite(arr).all() or lo < 0 or hi > 255:
+                raise CLIInputError(
+                    f"image {name!r} is a floating-point image with values outside [0, 255] (or NaN): "
+                    "save it as an 8- or 16-bit image"
+                )
+            scale = 1.0 if hi <= 1.0 else 255.0
+        gray = np.clip(np.round(arr / scale * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("RGB", "L", "1", "P", "CMYK", "YCbCr", "RGBX"):
+        return im.convert("RGB")
+    raise CLIInputError(
+        f"image {name!r} has colour mode {mode!r}, which is not read faithfully here: convert it to RGB "
+        "(e.g. PIL's Image.convert) first"
+    )
 
 
 # --------------------------------------------------------------------------- models and weights
@@ -239,11 +318,33 @@ def _torchvision_models() -> List[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+def _builder_takes(name: str, arg: str) -> bool:
+    """Whether torchvision's builder of model ``name`` (or the class it builds) takes ``arg``."""
+    import inspect
+
+    from torchvision.models import get_model_builder
+
+    builder = get_model_builder(name)
+    if arg in inspect.signature(builder).parameters:
+        return True
+    # builders pass **kwargs on to the class (e.g. VisionTransformer(image_size=...))
+    import torchvision.models as tvm
+
+    cls_names = {"vit": "VisionTransformer"}
+    cls = getattr(tvm, cls_names.get(name.split("_")[0], ""), None)
+    return cls is not None and arg in inspect.signature(cls).parameters
+
+
 def import_callable(spec: str, base_dir: Union[str, Path] = ".") -> Any:
     """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable (``callable`` may be dotted).
 
     Relative file paths are taken from ``base_dir``; a file is imported once per resolved path and a
-    failed import leaves no half-imported module behind.
+    failed import leaves no half-imported module behind. A module name is imported from the
+    installed packages first, then from the working folder (appended to the *end* of
+    ``sys.path``, so a local folder named like a dependency does not shadow it).
+
+    This imports and runs the user's code: a model spec or a configuration is code, to be trusted
+    as such.
 
     Raises:
         CLIInputError: not of that form, module or attribute missing, or not callable.
@@ -275,8 +376,11 @@ def import_callable(spec: str, base_dir: Union[str, Path] = ".") -> Any:
                     sys.modules.pop(module_key, None)  # no half-imported module left behind
                     raise
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the user's own modules
+            # the working folder is searched LAST, after the installed packages: a local folder named
+            # like a dependency (e.g. ./torch) must not shadow it
+            cwd = str(Path.cwd())
+            if "" not in sys.path and cwd not in sys.path:
+                sys.path.append(cwd)
             module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         raise CLIInputError(f"cannot import module {mod_name!r} for model {spec!r}: {e}") from None
@@ -334,8 +438,11 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, "torch.Tensor"]:
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIInputError(f"cannot read weights file {str(path)!r} ({reason[:200]})") from None
+        # the whole reason, on one line: torch's refusal explains why unpickling was blocked
+        import re
+
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__  # no terminal codes
+        raise CLIInputError(f"cannot read weights file {str(path)!r} ({reason})") from None
     return _unwrap_state_dict(obj, str(path))
 
 
@@ -344,8 +451,9 @@ def _short_list(names: Sequence[str], k: int = 4) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
-def _load_weights_into(model: "nn.Module", sd: Mapping[str, "torch.Tensor"], path: str, model_name: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line diagnosis when the file does not fit."""
+def load_weights_into(model: "nn.Module", sd: Mapping[str, "torch.Tensor"], path: str, model_name: str) -> None:
+    """``model.load_state_dict(sd, strict=True)`` with a one-line diagnosis (missing, unexpected and
+    mismatched keys, and the fix) when the state dict does not fit the model."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -375,6 +483,8 @@ def load_model(
     num_classes: Optional[int] = None,
     image_size: Optional[int] = None,
     normalize: bool = True,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    base_dir: Union[str, Path] = ".",
 ) -> LoadedModel:
     r"""Build a classification model by name, with weights and the matching preprocessing.
 
@@ -392,6 +502,14 @@ def load_model(
         image_size (int, optional): input size, overriding the weights' preprocessing sizes.
                     Default: None
         normalize (bool, optional): apply the mean/std normalisation. Default: True
+        model_kwargs (dict, optional): more keyword arguments for the builder (the runner's
+                    ``model.kwargs``). Default: None
+        base_dir (str or Path, optional): folder of relative ``file.py:callable`` and weights
+                    paths (the runner's configuration folder). Default: ``"."``
+
+    This is the package's one model loader: ``explain``, ``layers`` and the runner
+    (``captum_normgrad.runner``) build models through it. A ``module:callable`` imports and
+    runs that code: a model spec is code, to be trusted as such.
 
     Returns:
         LoadedModel: the model in eval mode and its preprocessing (the weights' own
@@ -404,7 +522,9 @@ def load_model(
     """
     from torch import nn
 
-    kwargs: Dict[str, Any] = {}
+    kwargs: Dict[str, Any] = dict(model_kwargs or {})
+    if weights is not None and not Path(weights).is_absolute() and (Path(base_dir) / weights).is_file():
+        weights = str(Path(base_dir) / weights)
     if num_classes is not None:
         if int(num_classes) < 1:
             raise CLIInputError(f"--num-classes must be at least 1, got {num_classes}")
@@ -415,7 +535,7 @@ def load_model(
     pre_weights = None  # whose transforms() preprocess the images
 
     if ":" in spec:
-        builder = import_callable(spec)
+        builder = import_callable(spec, base_dir)
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(
@@ -457,22 +577,27 @@ def load_model(
                     f"--num-classes {kwargs['num_classes']} does not match weights {tv_weights.name} ({n_cat} classes)"
                 )
             try:
-                model = get_model(spec, weights=tv_weights)
+                model = get_model(spec, weights=tv_weights, **kwargs)
             except Exception as e:  # no network, corrupt cache, ...
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = " ".join(str(e).split()) or type(e).__name__
                 raise CLIInputError(
-                    f"cannot load {spec} weights {tv_weights.name} from torchvision ({reason[:160]}); "
+                    f"cannot load {spec} weights {tv_weights.name} from torchvision ({reason}); "
                     f"without internet, copy {tv_weights.url.rsplit('/', 1)[-1]} into the torch hub "
                     "cache ($TORCH_HOME/hub/checkpoints) or pass --weights FILE"
                 ) from None
             pre_weights = tv_weights
             categories = list(tv_weights.meta["categories"])
         else:
-            model = get_model(spec, weights=None, **kwargs)
+            if image_size is not None and _builder_takes(spec, "image_size"):
+                kwargs["image_size"] = int(image_size)  # vision transformers: position embeddings for that size
+            try:
+                model = get_model(spec, weights=None, **kwargs)
+            except (ValueError, AssertionError) as e:
+                raise CLIInputError(f"cannot build {spec} with {kwargs or 'its defaults'}: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise CLIInputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights_path is not None:
-        _load_weights_into(model, load_state_dict_file(weights_path), weights_path, spec)
+        load_weights_into(model, load_state_dict_file(weights_path), weights_path, spec)
     transform, mean, std = make_preprocess(pre_weights, image_size, normalize)
     if tv_weights is not None:
         desc = f"{spec} (torchvision weights {tv_weights.name})"
@@ -488,32 +613,24 @@ def load_model(
 # --------------------------------------------------------------------------- layers
 
 
-def layer_names(model: "nn.Module") -> List[str]:
-    """Every submodule's dotted name, in ``named_modules()`` order (the root excluded)."""
-    return [n for n, _ in model.named_modules() if n]
-
-
 def get_layer(model: "nn.Module", name: str) -> "nn.Module":
-    r"""The submodule called ``name`` (dotted, as in ``model.named_modules()``).
+    r"""The submodule called ``name``: :func:`captum_normgrad._layers.get_layer` with a
+    :class:`CLIInputError` (one line, for the command line) for an unknown name.
+
+    Names are dotted as in ``model.named_modules()``; a ``DataParallel`` wrapper is looked
+    through; the benchmark models' ``blockN`` aliases work.
 
     Raises:
         CLIInputError: unknown name; the message lists the valid names (all of them up to two
                     levels deep, with a count of the deeper ones) and the closest matches.
     """
-    modules = dict(model.named_modules())
-    if name and name in modules:
-        return modules[name]
-    names = layer_names(model)
-    close = difflib.get_close_matches(name, names, n=3)
-    shallow = [n for n in names if n.count(".") <= 1]
-    deeper = len(names) - len(shallow)
-    msg = f"unknown layer {name!r}"
-    if close:
-        msg += f" (did you mean {', '.join(close)}?)"
-    msg += f"; valid names: {', '.join(shallow)}"
-    if deeper:
-        msg += f" (and {deeper} deeper names: `captum-normgrad layers` lists them all)"
-    raise CLIInputError(msg)
+    from ._layers import UnknownLayerError
+    from ._layers import get_layer as _get_layer
+
+    try:
+        return _get_layer(model, name)
+    except UnknownLayerError as e:
+        raise CLIInputError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- saving
@@ -553,7 +670,9 @@ def save_overlay(path: Union[str, Path], image: "torch.Tensor", heat: "torch.Ten
 
     arr = (overlay(image, heat, alpha) * 255).round().byte().permute(1, 2, 0).numpy()
     p = Path(path)
-    Image.fromarray(arr).save(p, format="PNG")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    write_file_atomic(p, buf.getvalue())
     return p
 
 
@@ -576,9 +695,45 @@ def save_map(stem: Union[str, Path], heat: "torch.Tensor", formats: Sequence[str
     out: List[Path] = []
     base = Path(stem)
     if "npy" in formats:
-        np.save(base.with_name(base.name + ".npy"), t.numpy())
+        buf = io.BytesIO()
+        np.save(buf, t.numpy())
+        write_file_atomic(base.with_name(base.name + ".npy"), buf.getvalue())
         out.append(base.with_name(base.name + ".npy"))
     if "pt" in formats:
-        torch.save(t.clone(), base.with_name(base.name + ".pt"))
+        buf = io.BytesIO()
+        torch.save(t.clone(), buf)
+        write_file_atomic(base.with_name(base.name + ".pt"), buf.getvalue())
         out.append(base.with_name(base.name + ".pt"))
     return out
+
+
+def write_file_atomic(path: Union[str, Path], data: bytes) -> Path:
+    r"""Write ``data`` to ``path`` atomically (temp file in the same folder, then ``os.replace``).
+
+    A symbolic link at ``path`` is replaced by the file, never written through; a reader never
+    sees a half-written file. This is the runner's
+    :func:`captum_normgrad.runner.storage.atomic_write_bytes`, with a full disk or a read-only
+    folder reported as one line naming the file and the fix.
+
+    Raises:
+        OSError: the file cannot be written (message names the file, the cause and the fix).
+    """
+    import errno
+
+    from .runner.storage import atomic_write_bytes
+
+    p = Path(path)
+    try:
+        atomic_write_bytes(p, data)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            why = "no space left on the device"
+            fix = "free some space or choose another output folder"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "permission denied (read-only folder?)"
+            fix = "choose an output folder you can write to"
+        else:
+            why = e.strerror or str(e)
+            fix = "check the output folder"
+        raise OSError(e.errno, f"cannot write {str(p)!r}: {why}; {fix}") from None
+    return p

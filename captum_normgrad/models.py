@@ -260,9 +260,9 @@ def torchvision_model(name: str, weights: Optional[str] = None) -> nn.Module:
     Returns:
         *nn.Module*: the model. The paper's layers for it are in :data:`PAPER_LAYERS`.
     """
-    import torchvision
+    from .io import CLIInputError, load_model  # the package's one model loader
 
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise ValueError(f"unknown torchvision model {name!r}; e.g. {', '.join(sorted(PAPER_LAYERS))}")
-    return torchvision.models.get_model(name, weights=weights).eval()
+    try:
+        return load_model(name, weights=weights).model.eval()
+    except CLIInputError as exc:
+        raise ValueError(str(exc)) from None

@@ -5,7 +5,8 @@
 Uses the package's benchmark VGG (``captum_normgrad.models.load_benchmark_model("vgg")``, weights
 trained by ``benchmarks/train_models.py``) on the generated test images, and writes:
 
-- ``normgrad-depths.png``: Grad-CAM vs NormGrad order 0 at the end of each block (methods/normgrad.md);
+- ``normgrad-depths.png``: Grad-CAM vs NormGrad order 0 at the end of each block (methods/normgrad.md),
+  drawn by :func:`captum_normgrad.viz.plot_comparison_grid` (class and probability, colour bars);
 - ``figure1.png``: the paper's Figure 1 on a two-object image, as ``captum-normgrad demo`` draws it
   (methods/normgrad-order1.md);
 - ``variant-grid.png``: the 4 virtual layers x 4 aggregations at block 2 (methods/variants.md).
@@ -56,7 +57,7 @@ def depths_figure(model, trained: bool, out: Path) -> Path:
 
     from captum_normgrad.datasets import CLASS_NAMES, ShapesDataset
     from captum_normgrad.normgrad import LayerNormGrad
-    from captum_normgrad.viz import compute_attribution_grid, plot_attribution_grid
+    from captum_normgrad.viz import compute_attribution_grid, plot_comparison_grid
 
     image, label, _ = ShapesDataset(1, split="test")[0]
     names = list(model.block_names)
@@ -68,7 +69,10 @@ def depths_figure(model, trained: bool, out: Path) -> Path:
     maps = {m: {blocks[n]: v for n, v in row.items()} for m, row in maps.items()}
     title = _title(trained, f"Grad-CAM vs NormGrad order 0 at the end of each block (benchmark VGG), "
                             f"class {CLASS_NAMES[int(label)]}")
-    fig = plot_attribution_grid(image, maps, None, cell_size=1.8, title=title)
+    with torch.no_grad():
+        p = model(image[None]).softmax(1)[0, int(label)]
+    fig = plot_comparison_grid(image, maps, captions=[f"{CLASS_NAMES[int(label)]} (p={float(p):.2f})"],
+                               cell_size=1.9)
     return _save(fig, trained, title, out / "normgrad-depths.png")
 
 
@@ -88,6 +92,7 @@ def variant_figure(model, trained: bool, out: Path, block: int = 2) -> Path:
     }
     title = _title(trained, f"virtual layer (rows) x aggregation (columns) at block{block}, "
                             f"class {CLASS_NAMES[int(label)]}")
+    # per-cell colour scales (signed and non-negative aggregations side by side)
     fig = plot_attribution_grid(image, maps, None, cell_size=1.8, title=title)
     return _save(fig, trained, title, out / "variant-grid.png")
 

@@ -16,7 +16,7 @@ import itertools
 import os
 import random
 from types import SimpleNamespace
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytest
@@ -506,3 +506,26 @@ REFERENCES = SimpleNamespace(
 def ref() -> SimpleNamespace:
     """The independent reference implementations above."""
     return REFERENCES
+
+
+# --------------------------------------------------------------------------- test tiers
+# End-to-end files (subprocesses, the installed command, docs build, browser, runner kills) are
+# marked ``e2e``; together with ``slow`` they are what a developer's fast loop skips:
+#     pytest -m "not slow and not e2e"        (about a minute)
+# CI runs everything.
+E2E_FILES = {
+    "test_cli.py",
+    "test_runner.py",
+    "test_benchmarks_quick.py",
+    "test_docs.py",
+    "test_browser.py",
+    "test_report.py",
+    "test_reliability.py",
+    "test_registry.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in E2E_FILES:
+            item.add_marker(pytest.mark.e2e)

@@ -46,6 +46,45 @@ class FlakyDataset(TinyDataset):
         return super().__getitem__(i)
 
 
+class ReadOnceDataset(TinyDataset):
+    """A :class:`TinyDataset` whose items can be read once only: a second read raises ``OSError``.
+
+    The runner's up-front check reads the first samples, so the run itself then finds every sample
+    unreadable (a run where every sample fails, past the check).
+    """
+
+    def __init__(self, n: int = 6, **kw) -> None:
+        super().__init__(n, **kw)
+        self.seen: set = set()
+
+    def __getitem__(self, i: int):
+        if i in self.seen or i >= 8:
+            raise OSError(f"sample {i} vanished")
+        self.seen.add(i)
+        return super().__getitem__(i)
+
+
+def children_with_rank(parent: int) -> dict:
+    """``{RANK: pid}`` of the direct children of ``parent`` (torchrun's workers), from /proc."""
+    from pathlib import Path as _P
+
+    out: dict = {}
+    for d in _P("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(e.split(b"=", 1) for e in (d / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = int(d.name)
+    return out
+
+
 class _Slow(nn.Module):
     def __init__(self, seconds: float) -> None:
         super().__init__()

@@ -130,7 +130,7 @@ def test_installed_explain_end_to_end(workspace: Tuple[Path, Path], tmp_path: Pa
     out = tmp_path / "maps"
     r = _run(
         ["explain", str(imgs), "--model", "resnet18", "--weights", str(weights), "--num-classes", str(NUM_CLASSES),
-         "--image-size", str(SIZE), "--layer", "layer2,layer3", "--method", "normgrad", "--method", "gradcam",
+         "--image-size", str(SIZE), "--layer", "layer2,layer3", "--method", "normgrad", "--method", "gradcam_relu",
          "--save", "png,npy,pt", "--batch-size", "2", "--device", "cpu", "--out", str(out)],
         cwd=tmp_path,
     )
@@ -144,14 +144,14 @@ def test_installed_explain_end_to_end(workspace: Tuple[Path, Path], tmp_path: Pa
         ref_ng, ref_gc, target = _reference_maps(Path(row["image"]), weights, "layer3")
         assert row["target"] == row["pred"] == target
         ng = np.load(out / f"{row['name']}__normgrad__layer3.npy")
-        gc = np.load(out / f"{row['name']}__gradcam__layer3.npy")
+        gc = np.load(out / f"{row['name']}__gradcam_relu__layer3.npy")
         assert ng.shape == (SIZE // 16, SIZE // 16)
         np.testing.assert_allclose(ng, ref_ng, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(gc, ref_gc, rtol=1e-4, atol=1e-6)
         pt = torch.load(out / f"{row['name']}__normgrad__layer3.pt", weights_only=True)
         np.testing.assert_array_equal(pt.numpy(), ng)
         assert np.load(out / f"{row['name']}__normgrad__layer2.npy").shape == (SIZE // 8, SIZE // 8)
-        with Image.open(out / f"{row['name']}__gradcam__layer2.png") as png:
+        with Image.open(out / f"{row['name']}__gradcam_relu__layer2.png") as png:
             assert png.size == (SIZE, SIZE) and png.mode == "RGB"
         assert len(row["files"]) == 2 * 2 * 3
 
@@ -171,7 +171,7 @@ def test_installed_demo_writes_figure_and_summary(tmp_path: Path) -> None:
         assert label in summary and label in r.stdout
     data = json.loads((out / "summary.json").read_text())
     shares = data["energy_share_target_other"]
-    assert set(shares) == {"gradcam", "normgrad", "normgrad1", "normgrad1-adv"}
+    assert set(shares) == {"gradcam_relu", "normgrad", "normgrad_order1", "normgrad_order1_adversarial"}
     for per_layer in shares.values():
         assert len(per_layer) == 4
         for t, o in per_layer.values():
@@ -295,7 +295,7 @@ def test_layer_without_locations_and_unknown_method(capsys, workspace, tmp_path)
     assert "(N, C, H, W)" in line
     line = _err(capsys, ["explain", str(imgs), "--model", "resnet18", "--layer", "layer3", "--method", "nope",
                          "--out", str(tmp_path)])
-    assert "unknown method 'nope'" in line and "normgrad1-adv" in line
+    assert "unknown method 'nope'" in line and "normgrad_order1_adversarial" in line
 
 
 def test_usage_errors_are_one_line(capsys) -> None:
@@ -347,7 +347,7 @@ def test_user_model_from_file_callable(capsys, workspace, tmp_path) -> None:
     )
     out = tmp_path / "o"
     assert cli.main(["explain", str(imgs / "img1.png"), "--model", f"{tmp_path / 'mynet.py'}:build",
-                     "--image-size", "32", "--no-normalize", "--layer", "2", "--method", "normgrad,gradxact",
+                     "--image-size", "32", "--no-normalize", "--layer", "2", "--method", "normgrad,gradxact_sum",
                      "--target", "1", "--out", str(out), "--quiet", "--save", "npy"]) == 0
     m = np.load(out / "img1__normgrad__2.npy")
     assert m.shape == (32, 32)
@@ -366,7 +366,7 @@ def test_user_model_from_file_callable(capsys, workspace, tmp_path) -> None:
     out_ = net[3:](acts)
     (g,) = torch.autograd.grad(out_[0, 1], acts)
     np.testing.assert_allclose(m, (acts.norm(dim=1) * g.norm(dim=1))[0].detach().numpy(), rtol=1e-4, atol=1e-7)
-    gxa = np.load(out / "img1__gradxact__2.npy")
+    gxa = np.load(out / "img1__gradxact_sum__2.npy")
     np.testing.assert_allclose(gxa, (acts * g).sum(1)[0].detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -414,8 +414,9 @@ def test_every_help_is_complete(capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["explain", "--help"])
     text = capsys.readouterr().out
-    for m in METHODS:
-        assert m in text
+    listed = {ln.split()[0] for ln in text.splitlines() if ln.startswith("  ") and ln.split()}
+    for m, entry in METHODS.items():
+        assert (m in listed) == (not entry.per_channel), m  # explain offers the one-channel methods
 
 
 def test_adding_a_subcommand_is_one_function(capsys, monkeypatch) -> None:
@@ -491,3 +492,40 @@ def test_get_layer_dotted_names() -> None:
     assert get_layer(net, "0.1") is net[0][1]
     with pytest.raises(CLIInputError, match=r"valid names: 0, 0\.0, 0\.1"):
         get_layer(net, "0.2")
+
+
+def test_deprecated_method_names_still_work_with_a_note(capsys, workspace, tmp_path) -> None:
+    imgs, weights = workspace
+    out = tmp_path / "o"
+    args = ["explain", str(imgs / "img0.png"), "--model", "resnet18", "--weights", str(weights), "--num-classes",
+            str(NUM_CLASSES), "--image-size", "32", "--layer", "layer4", "--target", "0", "--save", "npy", "--out", str(out)]
+    assert cli.main(args + ["--method", "normgrad-selective"]) == 0
+    err = capsys.readouterr().err
+    assert "method name 'normgrad-selective' is deprecated: use 'normgrad_selective'" in err
+    old = np.load(out / "img0__normgrad_selective__layer4.npy")  # outputs carry the registry name
+    assert cli.main(args + ["--method", "normgrad_selective", "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(out / "img0__normgrad_selective__layer4.npy"), old)
+    line = _err(capsys, args + ["--method", "gradxact"])
+    assert "one map per channel" in line and "use 'gradxact_sum'" in line
+    line = _err(capsys, args[:-6] + ["--layer", "auto,layer3", "--out", str(out)])
+    assert "--layer auto picks every layer itself" in line
+
+
+def test_warnings_are_one_line() -> None:
+    """In a plain process (pytest records warnings instead of printing them)."""
+    code = (
+        "import warnings\n"
+        "from captum_normgrad import cli\n"
+        "def register(sub):\n"
+        "    p = sub.add_parser('warner', help='warns')\n"
+        "    p.set_defaults(func=lambda args: warnings.warn('first line\\nsecond line', UserWarning) or 0)\n"
+        "cli.SUBCOMMANDS.append(register)\n"
+        "before = warnings.formatwarning\n"
+        "assert cli.main(['warner']) == 0\n"
+        "assert warnings.formatwarning is before\n"  # restored for the rest of the process
+    )
+    env = dict(os.environ)
+    env.pop("CAPTUM_NORMGRAD_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "captum-normgrad warner: warning: first line second line\n"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from captum_normgrad import LayerNormGrad
-from captum_normgrad.metrics import blur_baseline, deletion_curve, insertion_curve
+from captum_normgrad.evaluation import blur_baseline, deletion_curve, insertion_curve
 
 
 class PixelSum(nn.Module):

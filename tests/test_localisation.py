@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
-from captum_normgrad.metrics import (
+from captum_normgrad.evaluation import (
     boxes_to_masks,
     energy_pointing_game,
     pointing_accuracy,
@@ -196,3 +196,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
         pointing_game_hits(torch.rand(2, 16), good)
     with pytest.raises(ValueError, match="one class per explained map"):
         pointing_accuracy(torch.tensor([True, False]), [0])
+
+
+@pytest.mark.parametrize("tol", [float("nan"), float("inf"), -1.0, True, "15"])
+def test_non_finite_or_invalid_tolerance_is_refused(tol) -> None:
+    # tolerance=NaN used to pass: ``d2 < nan`` is False, so every sample became a silent miss
+    maps = torch.zeros(2, 1, 8, 8)
+    maps[:, 0, 2, 2] = 1.0
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, 4:6, 4:6] = True
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        pointing_game(maps, masks, tolerance=tol)
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        pointing_game_hits(maps, masks, tolerance=tol)

@@ -12,7 +12,7 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
-from captum_normgrad.quantus_bridge import make_explain_func
+from captum_normgrad.evaluation.quantus_bridge import make_explain_func
 
 quantus = pytest.importorskip("quantus")
 
@@ -113,7 +113,7 @@ def test_bad_inputs() -> None:
     x, y = data(2)
     with pytest.raises(TypeError, match="layer name"):
         make_explain_func(LayerNormGrad, net.conv2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"no layer named 'layer3'.*'conv2'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'layer3'.*conv2"):
         make_explain_func(LayerNormGrad, "layer3")(net, x.numpy(), y)
     with pytest.raises(ValueError, match="batch sizes differ"):
         make_explain_func(LayerNormGrad, "conv2")(net, x.numpy(), np.array([0, 1, 2]))

@@ -284,23 +284,7 @@ def test_sigkill_during_run_then_resume(tmp_path: Path) -> None:
     torch.testing.assert_close(maps, _direct_normgrad(model, ds.x, ds.y, 2), rtol=1e-5, atol=1e-6)
 
 
-def _children_with_rank(parent: int) -> Dict[int, int]:
-    """``{RANK: pid}`` of the direct children of ``parent`` (torchrun's workers), from /proc."""
-    out: Dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            env = dict(e.split(b"=", 1) for e in (d / "environ").read_bytes().split(b"\0") if b"=" in e)
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"RANK" in env:
-            out[int(env[b"RANK"])] = int(d.name)
-    return out
+_children_with_rank = runner_helpers.children_with_rank
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find torchrun's workers")

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
-from captum_normgrad.sanity import (
+from captum_normgrad.evaluation.sanity import (
     MEASURES,
     class_sensitivity,
     default_randomization_modules,
@@ -207,9 +207,9 @@ def test_randomization_bad_inputs() -> None:
     net, x = make_net(), inputs(1)
     with pytest.raises(ValueError, match="empty"):
         model_parameter_randomization(net, LayerNormGrad, "conv1", x, modules=[])
-    with pytest.raises(ValueError, match=r"no layer named 'conv9'.*'conv1'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'conv9'.*conv1"):
         model_parameter_randomization(net, LayerNormGrad, "conv9", x)
-    with pytest.raises(ValueError, match=r"no layer named 'layer4'.*'block\.0'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'layer4'.*block\.0"):
         model_parameter_randomization(net, LayerNormGrad, "conv1", x, modules=["fc", "layer4"])
     with pytest.raises(ValueError, match="no parameters"):
         model_parameter_randomization(net, LayerNormGrad, "conv1", x, modules=["relu1"])
@@ -262,7 +262,7 @@ def test_class_sensitivity_bad_inputs_and_model_untouched() -> None:
     class_sensitivity(net, LayerNormGrad, "conv1", inputs(2))
     after = snapshot(net)
     assert all(torch.equal(v, after[0][k]) for k, v in before[0].items()) and before[1:] == after[1:]
-    with pytest.raises(ValueError, match="no layer named"):
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
         class_sensitivity(net, LayerNormGrad, "nope", inputs(1))
     single = nn.Sequential(nn.Conv2d(3, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match="num_classes >= 2"):

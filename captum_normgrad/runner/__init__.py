@@ -20,8 +20,11 @@ _EXPORTS: Dict[str, str] = {
         ["RunConfig", "DatasetSpec", "ModelSpec", "MethodSpec", "StatisticsSpec", "load_config", "config_hash"], ".config"
     ),
     **dict.fromkeys(["BUILTIN_METHODS", "ImageFolderDataset"], ".resolve"),
-    **dict.fromkeys(["OutputDirError", "RunReport", "run", "shard_ranges", "shards_of_rank"], ".engine"),
-    **dict.fromkeys(["RunOutput", "ShardWriteError"], ".storage"),
+    **dict.fromkeys(
+        ["OutputDirError", "RunFailedError", "RunReport", "run", "shard_ranges", "shards_of_rank", "watch_launcher"],
+        ".engine",
+    ),
+    **dict.fromkeys(["RunOutput", "ShardWriteError", "OutputLock", "OutputLockedError"], ".storage"),
     **dict.fromkeys(["WelfordState", "all_reduce_welford", "merge_states"], ".welford"),
 }
 
@@ -48,7 +51,11 @@ __all__ = [
     "RunReport",
     "RunOutput",
     "OutputDirError",
+    "OutputLock",
+    "OutputLockedError",
+    "RunFailedError",
     "ShardWriteError",
+    "watch_launcher",
     "WelfordState",
     "merge_states",
     "all_reduce_welford",

@@ -36,6 +36,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["output"] = os.path.abspath(args.output)  # relative to the working folder
     if args.no_progress:
         overrides["progress"] = False
+    if args.on_change:
+        overrides["on_change"] = args.on_change
+    if args.fingerprint:
+        overrides["fingerprint"] = args.fingerprint
     report = run(load_config(args.config, overrides=overrides))
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 prints the summary of all ranks
         print(json.dumps(report.to_dict(), indent=1) if args.json else report, flush=True)
@@ -67,6 +71,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a top-level key, VALUE as JSON (e.g. --set batch_size=32 --set threads=1); repeatable",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--on-change",
+        choices=("error", "recompute"),
+        default=None,
+        help="on resume, when the checkpoint, a factory file or images changed since they were computed: refuse "
+        "naming what changed (error, the default) or recompute what depends on them",
+    )
+    p.add_argument(
+        "--fingerprint",
+        choices=("stat", "content"),
+        default=None,
+        help="how image files are fingerprinted: size+mtime (stat, free, the default) or sha256 of the bytes "
+        "(content: reads every image once more)",
+    )
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ DATASET_KINDS = ("folder", "torchvision", "generated", "factory")
 MODEL_SOURCES = ("torchvision", "factory", "benchmark")
 TARGET_MODES = ("label", "prediction")
 MAP_DTYPES = ("float32", "float16", "bfloat16")
+PREPROCESS_MODES = ("auto", "weights", "manual")
+RESIZE_MODES = ("crop", "stretch")
+FINGERPRINT_MODES = ("stat", "content")
+ON_CHANGE_MODES = ("error", "recompute")
 
 
 def _check_keys(section: str, data: Mapping[str, Any], cls: type) -> None:
@@ -71,8 +76,20 @@ class DatasetSpec:
         kwargs (dict): extra keyword arguments for the dataset class or factory.
         image_size (int or [h, w], optional): resize images to this size (folder/torchvision);
                     required for folders whose images differ in size.
-        mean, std (list[float], optional): per-channel normalisation applied after ``ToTensor``.
+        mean, std (list[float], optional): per-channel normalisation applied after ``ToTensor``
+                    (one value per channel: 3 for the RGB images of a folder).
         limit (int, optional): use only the first ``limit`` samples.
+        preprocess (str): ``"auto"`` (default): a torchvision model with named ``weights`` gets
+                    those weights' own ``transforms()`` (resize, centre crop, mean/std), as
+                    ``explain`` does, and ``image_size``/``mean``/``std`` given here override its
+                    parts; other models get exactly ``image_size``/``mean``/``std``.
+                    ``"weights"``: the torchvision weights' preprocessing (the model's default
+                    weights' when it has random or checkpoint weights). ``"manual"``: only
+                    ``image_size``/``mean``/``std``. Folder and torchvision datasets only.
+        resize (str): how ``image_size`` is reached: ``"crop"`` (default; scale so the image
+                    covers the size, keeping its aspect ratio, then centre-crop, as torchvision's
+                    presets do) or ``"stretch"`` (resize to exactly ``[h, w]``, distorting
+                    non-square images).
     """
 
     kind: str = "generated"
@@ -84,6 +101,8 @@ class DatasetSpec:
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
     limit: Optional[int] = None
+    preprocess: str = "auto"
+    resize: str = "crop"
 
     def validate(self) -> None:
         if self.kind not in DATASET_KINDS:
@@ -99,10 +118,25 @@ class DatasetSpec:
         self.image_size = _size_pair(self.image_size, "dataset image_size")
         for nm in ("mean", "std"):
             v = getattr(self, nm)
-            if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(i, (int, float)) for i in v)):
-                raise ValueError(f"dataset {nm} must be a list of numbers (one per channel), got {v!r}")
+            if v is not None and not (
+                isinstance(v, (list, tuple))
+                and len(v) > 0
+                and all(isinstance(i, (int, float)) and not isinstance(i, bool) and math.isfinite(i) for i in v)
+            ):
+                raise ValueError(f"dataset {nm} must be a non-empty list of finite numbers (one per channel), got {v!r}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both dataset mean and std (per-channel normalisation), or neither")
+        if self.mean is not None and len(self.mean) != len(self.std):  # type: ignore[arg-type]
+            raise ValueError(
+                f"dataset mean has {len(self.mean)} values but std has {len(self.std)}; give one value per "  # type: ignore[arg-type]
+                "channel in both (3 for RGB images)"
+            )
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(
+                f"dataset preprocess must be one of {', '.join(map(repr, PREPROCESS_MODES))}, got {self.preprocess!r}"
+            )
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"dataset resize must be one of {', '.join(map(repr, RESIZE_MODES))}, got {self.resize!r}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"dataset std must be positive, got {self.std!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
@@ -218,7 +252,9 @@ def _layer_list(v: Any, what: str) -> List[str]:
 
 
 # Fields that do not change what is computed: excluded from the configuration hash.
-RUNTIME_FIELDS = ("output", "device", "num_workers", "threads", "progress", "timeout_s", "verify")
+RUNTIME_FIELDS = (
+    "output", "device", "num_workers", "threads", "progress", "timeout_s", "verify", "fingerprint", "on_change"
+)
 
 
 @dataclass
@@ -245,6 +281,17 @@ class RunConfig:
         timeout_s (float): collective timeout of the process group. Not hashed. Default: 1800
         verify (str): how completed shards are checked on resume: ``"checksum"`` (sha256 of the
                     file against the completion marker) or ``"size"``. Not hashed.
+        fingerprint (str): how the image files behind each shard are fingerprinted to detect a
+                    change on resume: ``"stat"`` (size + modification time: one ``stat`` per image,
+                    free) or ``"content"`` (sha256 of every image file: reads every image file once
+                    more per run, on top of decoding it; a touched or copied file with the same
+                    bytes then counts as unchanged). The checkpoint is always content-hashed. Not
+                    hashed. Default: ``"stat"``
+        on_change (str): what a resume does when the checkpoint, the model/dataset factory file
+                    or images changed since they were computed: ``"error"`` (refuse, naming what
+                    changed) or ``"recompute"`` (recompute what depends on it: every shard for a
+                    model change, the affected shards for image changes). Not hashed.
+                    Default: ``"error"``
         base_dir (str): folder against which relative paths are resolved (the config file's
                     folder when loaded from a file). Not hashed.
     """
@@ -265,6 +312,8 @@ class RunConfig:
     progress: bool = True
     timeout_s: float = 1800.0
     verify: str = "checksum"
+    fingerprint: str = "stat"
+    on_change: str = "error"
     base_dir: str = "."
 
     # -- construction ------------------------------------------------------------------------
@@ -353,6 +402,12 @@ class RunConfig:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.verify not in ("checksum", "size"):
             raise ValueError(f"verify must be 'checksum' or 'size', got {self.verify!r}")
+        if self.fingerprint not in FINGERPRINT_MODES:
+            raise ValueError(
+                f"fingerprint must be 'stat' (size + mtime, free) or 'content' (sha256 of each image), got {self.fingerprint!r}"
+            )
+        if self.on_change not in ON_CHANGE_MODES:
+            raise ValueError(f"on_change must be 'error' or 'recompute', got {self.on_change!r}")
         return self
 
     # -- views ---------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..io import IMAGE_EXTENSIONS, get_layer, import_callable, load_state_dict_file
+from .._layers import get_layers
+from ..io import IMAGE_EXTENSIONS, import_callable, load_image, load_model, load_state_dict_file, load_weights_into
+from ..registry import METHODS, MethodEntry, method_from_spec
 from .config import DatasetSpec, MethodSpec, ModelSpec, RunConfig
 
 __all__ = [
@@ -89,14 +90,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self.samples[i][0].relative_to(self.root).as_posix()
 
     def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        from PIL import Image
+        import numpy as np
 
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            x = self.transform(im) if self.transform is not None else torch.from_numpy(
-                __import__("numpy").asarray(im).copy()
-            ).permute(2, 0, 1).float() / 255.0
+        im = load_image(path)  # every PIL mode read faithfully (16-bit, palette, alpha, ...) or refused
+        x = self.transform(im) if self.transform is not None else torch.from_numpy(
+            np.asarray(im).copy()
+        ).permute(2, 0, 1).float() / 255.0
         return x, label
 
 
@@ -126,9 +126,36 @@ def _generated_dataset(spec: DatasetSpec) -> Any:
     return getattr(ds_mod, GENERATED_DATASETS[name])(**kwargs)
 
 
+def _warn_unnormalised(cfg: RunConfig) -> None:
+    """Warn when image files go unnormalised into a torchvision model (which expects its weights'
+    normalisation): maps of a model fed inputs it was not trained on are silently off."""
+    import warnings
+
+    spec = cfg.dataset
+    if spec.kind not in ("folder", "torchvision") or spec.mean is not None or cfg.model.source != "torchvision":
+        return
+    mean, std = "[0.485, 0.456, 0.406]", "[0.229, 0.224, 0.225]"
+    hint = ""
+    try:
+        from torchvision.models import get_model_weights
+
+        t = get_model_weights(cfg.model.name or "").DEFAULT.transforms()
+        mean, std = str([round(v, 3) for v in t.mean]), str([round(v, 3) for v in t.std])
+        hint = f" and image_size = [{t.crop_size[0]}, {t.crop_size[0]}]" if spec.image_size is None else ""
+    except (ValueError, KeyError, AttributeError):
+        pass
+    warnings.warn(
+        f"dataset ({spec.kind}) applies no normalisation, but the torchvision model {cfg.model.name!r} expects "
+        f"its weights' preprocessing: set dataset.mean = {mean}, dataset.std = {std}{hint}",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 def resolve_dataset(cfg: RunConfig) -> Any:
     """The map-style dataset of ``cfg.dataset`` (before ``limit`` is applied)."""
     spec = cfg.dataset
+    _warn_unnormalised(cfg)
     if spec.kind == "folder":
         return ImageFolderDataset(cfg.resolve_path(spec.root or "."), transform=_image_transform(spec))
     if spec.kind == "torchvision":
@@ -247,17 +274,10 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
     """The model of ``cfg.model`` in eval mode (on the CPU; the runner moves it)."""
     spec: ModelSpec = cfg.model
     if spec.source == "torchvision":
-        import torchvision
-
-        try:
-            model = torchvision.models.get_model(spec.name, weights=spec.weights, **spec.kwargs)
-        except ValueError as e:
-            raise ValueError(f"torchvision model {spec.name!r} with weights={spec.weights!r}: {e}") from e
-        except (OSError, RuntimeError) as e:  # weights download impossible offline
-            raise ValueError(
-                f"could not load torchvision weights {spec.weights!r} for {spec.name!r} ({e}); put them in the torch "
-                "hub cache, give checkpoint = 'file', or drop weights for a random initialisation"
-            ) from e
+        weights = spec.weights
+        if weights is not None and weights.lower() in ("none", "random"):
+            weights = None
+        model = load_model(spec.name or "", weights=weights, model_kwargs=spec.kwargs, base_dir=cfg.base_dir).model
     elif spec.source == "benchmark":
         from captum_normgrad.models import load_benchmark_model
 
@@ -269,22 +289,25 @@ def resolve_model(cfg: RunConfig) -> nn.Module:
             w = str(cfg.resolve_path(w))
         model = load_benchmark_model(spec.name, weights=w, **spec.kwargs)
     else:
-        model = import_callable(spec.factory or "", cfg.base_dir)(**spec.kwargs)
+        if ":" not in (spec.factory or ""):
+            raise ValueError(
+                f"model.factory {spec.factory!r} must be 'package.module:callable' or 'path/to/file.py:callable'"
+            )
+        model = load_model(spec.factory or "", model_kwargs=spec.kwargs, base_dir=cfg.base_dir).model
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model factory returned a {type(model).__name__}, expected a torch.nn.Module")
     if spec.checkpoint:
         path = cfg.resolve_path(spec.checkpoint)
         if not path.is_file():
             raise ValueError(f"model checkpoint {str(path)!r} not found")
-        model.load_state_dict(load_state_dict_file(path))
+        load_weights_into(model, load_state_dict_file(path), str(path), spec.name or spec.factory or "the model")
     return model.eval()
 
 
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
-    """Modules by their ``named_modules()`` names (``blockN`` aliases for the benchmark models)."""
-    mods = dict(model.named_modules())
-    aliases = {f"block{i + 1}": b for i, b in enumerate(getattr(model, "block_names", None) or [])}
-    return [get_layer(model, n if n in mods else aliases.get(n, n)) for n in names]
+    """Modules by their ``named_modules()`` names (``blockN`` aliases for the benchmark models):
+    :func:`captum_normgrad._layers.get_layers`."""
+    return get_layers(model, names)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -300,66 +323,41 @@ def model_fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------
-# name -> (class spec, default attribute() kwargs, default constructor kwargs)
-BUILTIN_METHODS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
-    "normgrad": ("captum_normgrad.normgrad:LayerNormGrad", {}, {}),
-    "normgrad_selective": (
-        "captum_normgrad.normgrad:LayerNormGrad",
-        {"virtual_layer": "scaling", "aggregation": "filter_norm"},
-        {},
-    ),
-    "normgrad_weights": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "weights"}, {}),
-    "gradxact_sum": ("captum_normgrad.normgrad:LayerNormGrad", {"virtual_layer": "scaling", "aggregation": "sum"}, {}),
-    "normgrad_order1": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {}, {}),
-    "normgrad_order1_adversarial": ("captum_normgrad.normgrad_order1:LayerNormGradOrder1", {"adversarial": True}, {}),
-    "gradcam": ("captum.attr:LayerGradCam", {}, {}),
-    "gradxact": ("captum.attr:LayerGradientXActivation", {}, {}),
-}
-_MULTI_LAYER_PREFIX = "captum_normgrad."
+#: The registry's methods (:data:`captum_normgrad.registry.METHODS`): the runner defines none of its own.
+BUILTIN_METHODS: Mapping[str, MethodEntry] = METHODS
 
 
 class MethodRunner:
-    """One configured attribution method over its layers: ``maps(x, target) -> {key: (N, ...)}``."""
+    """One configured attribution method over its layers: ``maps(x, target) -> {key: (N, ...)}``.
+
+    ``spec.method`` is a name of :mod:`captum_normgrad.registry` (its meaning is defined there
+    only) or ``"package.module:Class"`` for any Captum layer attribution class.
+    """
 
     def __init__(self, spec: MethodSpec, model: nn.Module, layer_names: Sequence[str], base_dir: str = ".") -> None:
         self.spec = spec
         self.name = str(spec.name)
         self.layer_names = list(layer_names)
-        if spec.method in BUILTIN_METHODS:
-            cls_spec, kw, init_kw = BUILTIN_METHODS[spec.method]
-        elif ":" in spec.method:
-            cls_spec, kw, init_kw = spec.method, {}, {}
-        else:
-            raise ValueError(
-                f"unknown method {spec.method!r}; choose one of {', '.join(map(repr, BUILTIN_METHODS))} "
-                "or give 'package.module:Class' for any Captum layer attribution"
-            )
         try:
-            cls = import_callable(cls_spec, base_dir)
+            entry = method_from_spec(spec.method)
         except ValueError as e:
-            raise ValueError(f"method {spec.method!r} is not available in this install: {e}") from e
-        self.kwargs = {**kw, **spec.kwargs}
-        init_kwargs = {**init_kw, **spec.init_kwargs}
+            raise ValueError(f"{e} (or give 'package.module:Class' for any Captum layer attribution)") from None
+        # a user's class is imported like a factory (relative files from the config's folder)
+        cls = import_callable(spec.method, base_dir) if spec.method not in METHODS and ":" in spec.method else None
         layers = resolve_layers(model, self.layer_names)
-        self.multi = cls_spec.startswith(_MULTI_LAYER_PREFIX)
-        if self.multi:
-            self.attrs = [cls(model, layers, **init_kwargs)]
-        else:
-            self.attrs = [cls(model, layer, **init_kwargs) for layer in layers]
+        self._bound = entry.build(model, layers, spec.init_kwargs, cls=cls)
+        self.entry = entry
+        self.multi = entry.multi_layer
+        self.kwargs = dict(spec.kwargs)
 
     def maps(self, x: Tensor, target: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        if self.multi:
-            res = self.attrs[0].attribute(x, target=target, **self.kwargs)
-            per_layer = list(res)
-        else:
-            per_layer = [a.attribute(x, target=target, **self.kwargs) for a in self.attrs]
-        for name, r in zip(self.layer_names, per_layer):
+        for name, r in zip(self.layer_names, self._bound.attribute(x, target=target, **self.kwargs)):
             if isinstance(r, Tensor):
-                out[f"maps/{self.name}/{name}"] = r.detach()
+                out[f"maps/{self.name}/{name}"] = r
             else:
                 for i, t in enumerate(r):
-                    out[f"maps/{self.name}/{name}/{i}"] = t.detach()
+                    out[f"maps/{self.name}/{name}/{i}"] = t
         return out
 
 

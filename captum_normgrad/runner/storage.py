@@ -25,13 +25,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ShardWriteError",
+    "OutputLock",
+    "OutputLockedError",
+    "file_fingerprint",
+    "fingerprint_changed",
     "atomic_write_bytes",
     "atomic_write_json",
     "shard_paths",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 SHARD_DIR = "shards"
+LOCK_FILE = ".lock"
 
 # mkstemp creates files 0600; final files get the usual 0666 & ~umask (read once, at import)
 _UMASK = os.umask(0o022)
@@ -175,6 +180,205 @@ def shard_is_complete(
     except OSError:
         return None
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints of the inputs (images, checkpoints) that the outputs depend on
+# ---------------------------------------------------------------------------------------------
+FINGERPRINT_MODES = ("stat", "content")
+
+
+def file_fingerprint(path: Union[str, Path], mode: str = "stat") -> Dict[str, Any]:
+    """What identifies a file's contents: ``size`` and ``mtime_ns`` (``"stat"``: one ``stat``
+    call), plus the streamed ``sha256`` of the bytes with ``mode="content"`` (reads the file).
+
+    A missing file gives ``{"missing": True}``.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"missing": True}
+    fp: Dict[str, Any] = {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    if mode == "content":
+        fp["sha256"] = sha256_file(Path(path))
+    return fp
+
+
+def fingerprint_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[str]:
+    """Why a file changed between two :func:`file_fingerprint` results, or None if it did not.
+
+    The sha256 when both have one (a touched or copied file with the same bytes is unchanged),
+    else the size, then the modification time.
+    """
+    if old.get("missing") or new.get("missing"):
+        return None if old.get("missing") and new.get("missing") else ("removed" if new.get("missing") else "re-created")
+    size = "" if old.get("size") == new.get("size") else f"size {old.get('size')} -> {new.get('size')} bytes"
+    if "sha256" in old and "sha256" in new:
+        if old["sha256"] == new["sha256"]:
+            return None
+        return f"content sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}" + (f", {size}" if size else "")
+    if size:
+        return size
+    if old.get("mtime_ns") != new.get("mtime_ns"):
+        return f"modified {_iso(old.get('mtime_ns'))} -> {_iso(new.get('mtime_ns'))} (same size)"
+    return None
+
+
+def _iso(ns: Any) -> str:
+    import datetime as _dt
+
+    try:
+        return _dt.datetime.fromtimestamp(int(ns) / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock of an output folder
+# ---------------------------------------------------------------------------------------------
+class OutputLockedError(OSError):
+    """The output folder's lock cannot be taken: another live run holds it (or it is a symlink)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+class OutputLock:
+    """An exclusive lock on an output folder: ``fcntl.flock`` on ``<out>/.lock``, with the owner's
+    pid, host, start time and command line written into the file.
+
+    The kernel releases a ``flock`` when its owner dies (``SIGKILL`` included), so a lock left by a
+    dead run is *stale* and simply taken over; the previous owner is reported in
+    :attr:`previous_owner`. The lock file itself is never deleted (deleting a locked file lets a
+    third process lock a new file of the same name).
+
+    Args:
+        out (str or Path): the output folder (must exist).
+        purpose (str, optional): a word for the owner record. Default: ``"run"``
+    """
+
+    def __init__(self, out: Union[str, Path], purpose: str = "run") -> None:
+        self.path = Path(out) / LOCK_FILE
+        self.purpose = purpose
+        self.fd: Optional[int] = None
+        self.previous_owner: Optional[Dict[str, Any]] = None
+        self.unsupported: Optional[str] = None
+
+    @staticmethod
+    def owner_record(purpose: str = "run") -> Dict[str, Any]:
+        import datetime as _dt
+        import socket
+        import sys
+
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "purpose": purpose,
+            "argv": " ".join(sys.argv)[:300],
+        }
+
+    def _read_owner(self) -> Optional[Dict[str, Any]]:
+        for _ in range(5):  # the owner may be writing its record right now
+            try:
+                text = self.path.read_text(encoding="utf-8").strip()
+            except OSError:
+                return None
+            if not text:
+                return None
+            try:
+                rec = json.loads(text)
+                return rec if isinstance(rec, dict) else None
+            except ValueError:
+                import time
+
+                time.sleep(0.05)
+        return None
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock or raise :class:`OutputLockedError` naming its owner."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            self.unsupported = "fcntl is not available on this platform"
+            return self
+        import socket
+
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:  # never through a symlink: truncating the owner record would truncate its target
+            fd = os.open(str(self.path), flags, 0o666 & ~_UMASK)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise OutputLockedError(
+                    f"{self.path} is a symbolic link (to {os.readlink(self.path)!r}); the runner does not write "
+                    "through links in its output folder: delete the link and rerun"
+                ) from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = self._read_owner()
+            if owner is None:
+                who = "another process (no owner record yet)"
+            else:
+                who = (
+                    f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
+                    f" ({owner.get('argv', '')!s})"
+                )
+                if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
+                    who += (
+                        "; that pid is no longer running, so a process that inherited the lock (a worker "
+                        f"left behind) still holds it: find it with `fuser {self.path}` and stop it"
+                    )
+            raise OutputLockedError(
+                f"output directory {str(self.path.parent)!r} is in use by another run: {who}. Two runs on one "
+                "folder would duplicate work; wait for it to finish (or stop it), or choose another output"
+            ) from None
+        except OSError as e:  # e.g. a file system without locks
+            os.close(fd)
+            self.unsupported = f"{type(e).__name__}: {e}"
+            return self
+        self.fd = fd
+        prev = self._read_owner()
+        if prev is not None:
+            self.previous_owner = prev
+        rec = json.dumps(self.owner_record(self.purpose)).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, rec + b"\n", 0)
+        os.fsync(fd)
+        return self
+
+    def release(self) -> None:
+        """Clear the owner record and unlock (idempotent)."""
+        if self.fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def remove_stale_temporaries(out: Union[str, Path]) -> int:
