@@ -126,7 +126,7 @@ def coverage_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
 # --------------------------------------------------------------------------- per-layer maths
 
 
-def _conv_unfold(mod: nn.Module, a: Tensor) -> Tensor:
+def _conv_unfold(mod: Any, a: Tensor) -> Tensor:
     """``unfold`` of the input of a Conv1d/Conv2d as ``(n, C_in * prod(k), L)`` (1-D as height 1)."""
     if isinstance(mod, nn.Conv1d):
         a = a.unsqueeze(-2)
@@ -149,7 +149,7 @@ def _sample_step(n: int, per_sample: int, budget: int, chunk_size: Optional[int]
 
 
 def _weight_blocks(
-    mod: nn.Module, a: Tensor, g: Tensor, chunk_size: Optional[int], block: int, budget: int
+    mod: Any, a: Tensor, g: Tensor, chunk_size: Optional[int], block: int, budget: int
 ) -> Iterator[Tuple[slice, slice, Tensor]]:
     """Per-sample weight gradients of a Conv1d/Conv2d/Linear in blocks ``(samples, rows, grads)``.
 
@@ -213,7 +213,7 @@ def _weight_blocks(
                 yield sl, slice(g0 * rows_g, gsl.stop * rows_g), blk.reshape(-1, (gsl.stop - g0) * rows_g, *w.shape[1:])
 
 
-def _small_grads(mod: nn.Module, attr: str, a: Tensor, g: Tensor) -> Tensor:
+def _small_grads(mod: Any, attr: str, a: Tensor, g: Tensor) -> Tensor:
     """Per-sample gradient ``(n, *shape)`` of a bias or a BatchNorm affine parameter."""
     n = a.shape[0]
     if isinstance(mod, nn.Linear):
@@ -221,7 +221,9 @@ def _small_grads(mod: nn.Module, attr: str, a: Tensor, g: Tensor) -> Tensor:
     g3 = g.reshape(n, g.shape[1], -1)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and attr == "weight":
         shape = (1, -1) + (1,) * (a.dim() - 2)
-        xhat = (a - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var.reshape(shape) + mod.eps)
+        mean, var = mod.running_mean, mod.running_var  # not None: checked by coverage_problem
+        assert mean is not None and var is not None
+        xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + mod.eps)
         return (g3 * xhat.reshape(n, a.shape[1], -1)).sum(-1)
     return g3.sum(-1)  # a conv bias, a BatchNorm bias
 

@@ -104,7 +104,7 @@ def test_every_layer_form_equals_the_per_sample_loop_in_float64(size, which):
     for kw in ({}, {"chunk_size": 2}, {"chunk_bytes": 1}, {"block_numel": 50}, {"block_numel": 1, "chunk_size": 3}):
         got = engine_grads(model, x, y, names, **kw)
         for n in names:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-13, msg=lambda m, n=n: f"{n} {kw}: {m}")
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-13, msg=lambda m, n=n, kw=kw: f"{n} {kw}: {m}")
 
 
 def test_model_left_untouched_and_no_grad_written():

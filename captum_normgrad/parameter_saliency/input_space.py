@@ -126,7 +126,7 @@ class InputSpaceSaliency(GradientAttribution):
         ps = self.parameter_saliency
         mode = ps.mode if mode is None else mode
         _check_choice("mode", mode, MODES)
-        _check_choice("reduce", reduce, (None, "max_abs"))
+        _check_choice("reduce", reduce, (None, "max_abs"))  # type: ignore[arg-type]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ps.num_features:
             raise ValueError(f"k must be an int in [1, {ps.num_features}], got {k!r}")
         if not isinstance(boost, (int, float)) or isinstance(boost, bool):
