@@ -142,6 +142,24 @@ def test_input_space_errors():
         InputSpaceSaliency(ps).attribute(x, y, k=0, mode="naive")
     with pytest.raises(ValueError, match="reduce"):
         InputSpaceSaliency(ps).attribute(x, y, mode="naive", reduce="mean")
+    for bad in (float("nan"), float("inf")):  # used to pass silently (NaN attributions)
+        with pytest.raises(ValueError, match="boost must be a finite number"):
+            InputSpaceSaliency(ps).attribute(x, y, mode="naive", boost=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        InputSpaceSaliency(ps).attribute(x, y, mode="naive", chunk_size=0)
+
+
+@pytest.mark.parametrize("engine", ["batched", "vmap", "loop"])
+def test_input_space_every_engine_matches_hand_built_double_backward(engine):
+    model = make()
+    x, y = data(3, seed=7)
+    ps = ParameterSaliency(model, mode="naive", engine=engine)
+    before = snapshot(model)
+    got = InputSpaceSaliency(ps).attribute(x, y, k=3, chunk_size=2)
+    assert_bit_identical(before, snapshot(model))
+    ones = torch.ones(ps.num_features, dtype=torch.float64)
+    want = hand_built_input_saliency(model, x, y, torch.zeros_like(ones), ones, 3, 100.0)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- turn-off
@@ -296,3 +314,26 @@ def test_layer_depth_bias_shares(fitted):
     assert set(stage_labels(ps, stages=lambda name: name[:2])) == {"co", "la"}
     with pytest.raises(ValueError, match="profiles"):
         layer_depth_bias(ps, prof[:, :3])
+
+
+def test_experiments_work_with_a_users_full_backward_hook(fitted):
+    """Issue 15: a full backward hook used to fail inside torch.func; the results must not change."""
+    model, ps = fitted
+    x, y = data(12, seed=3)
+    want_ft = fine_tune_experiment(ps, x, y, k=3, lr=0.5, n_neighbors=2, max_sources=2, progress=False)
+    want_off = turn_off_experiment(ps, x, y, ks=[1, 2], n_random=2, progress=False)
+    handle = model.layer2.register_full_backward_hook(lambda m, gi, go: None)
+    try:
+        got_ft = fine_tune_experiment(ps, x, y, k=3, lr=0.5, n_neighbors=2, max_sources=2, progress=False)
+        got_off = turn_off_experiment(ps, x, y, ks=[1, 2], n_random=2, progress=False)
+    finally:
+        handle.remove()
+    for got, want in ((got_ft, want_ft), (got_off, want_off)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+                else:
+                    assert a[key] == b[key], key

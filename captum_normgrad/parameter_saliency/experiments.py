@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.func import grad
 
 from .pot import POTScorer
 from .profiles import MODES, ParameterSaliency, _check_choice
@@ -387,7 +386,11 @@ def fine_tune_experiment(
         keep[order[i, :k]] = 1
         params = dict(sel)
         for _ in range(steps):
-            g = grad(loss)(params, fixed, xm[i], ym[i])
+            # plain autograd (not torch.func): works with the model's own backward hooks
+            live = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss(live, fixed, xm[i], ym[i]), list(live.values()), allow_unused=True)
+            g = {n: torch.zeros_like(live[n]) if gi is None else gi for n, gi in zip(live, gs)}
             step = _masked(ps, {n: v.detach() for n, v in g.items()}, keep)
             params = {n: (params[n] - lr * step[n]) if n in step else params[n] for n in params}
         others = torch.tensor([j for j in range(len(mis)) if j != i])

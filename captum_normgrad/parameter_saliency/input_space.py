@@ -9,15 +9,18 @@ the profile and the target with respect to the input:
 
     A(x) = \nabla_x \cos\big(z(x), t\big), \qquad t = \operatorname{boost}_k\big(\operatorname{sg}[z(x)]\big).
 
-Since ``z(x)`` is itself made of parameter gradients, this is a double backward pass
-(``torch.func.grad`` of a function that calls ``torch.func.grad``), batched over samples with
-``vmap``. Pixels with a large ``|A|`` are those that, if changed, would most move the profile
+Since ``z(x)`` is itself made of parameter gradients, this is a double backward pass. With the
+default batched engine the per-sample parameter gradients are built from differentiable
+operations (activation x output gradient, :mod:`captum_normgrad._per_sample_grads`) on a
+``create_graph`` backward pass, and ``A`` is their input gradient; the ``vmap`` engine uses
+``torch.func.grad`` of a function that calls ``torch.func.grad``. Pixels with a large ``|A|`` are those that, if changed, would most move the profile
 towards (or away from) the boosted salient filters. The paper displays ``max_c |A_c|``
 (``reduce="max_abs"``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -112,8 +115,10 @@ class InputSpaceSaliency(GradientAttribution):
                         ``"max_abs"`` returns ``max`` over dim 1 (colour channels) of its
                         absolute value, shape ``(N, 1, ...)``, as displayed in the paper.
                         Default: None
-            chunk_size (int, optional): ``vmap`` chunk size (memory bound).
-                        Default: None (the ParameterSaliency's)
+            chunk_size (int, optional): At most this many samples are differentiated at once
+                        (memory bound).
+                        Default: None (the ParameterSaliency's ``chunk_size``; else 4 samples, or the
+                        whole batch with the ``vmap`` engine)
 
         Returns:
             *Tensor*: attributions, detached, with the shape of ``inputs`` (or ``(N, 1, ...)``).
@@ -121,11 +126,15 @@ class InputSpaceSaliency(GradientAttribution):
         ps = self.parameter_saliency
         mode = ps.mode if mode is None else mode
         _check_choice("mode", mode, MODES)
-        _check_choice("reduce", reduce, (None, "max_abs"))
+        _check_choice("reduce", reduce, (None, "max_abs"))  # type: ignore[arg-type]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ps.num_features:
             raise ValueError(f"k must be an int in [1, {ps.num_features}], got {k!r}")
         if not isinstance(boost, (int, float)) or isinstance(boost, bool):
             raise TypeError(f"boost must be a number, got {type(boost).__name__}")
+        if not math.isfinite(boost):
+            raise ValueError(f"boost must be a finite number (e.g. the paper's 100.0), got {boost!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if mode != "naive" and not ps.is_fitted:
             ps.standardize(torch.zeros(1, ps.num_features), mode)  # raises the explanatory error
         x, y = ps._prepare(inputs, target)
@@ -133,21 +142,30 @@ class InputSpaceSaliency(GradientAttribution):
             raise ValueError("reduce='max_abs' needs inputs with a channel dim (N, C, ...)")
         if not x.is_floating_point():
             raise TypeError(f"inputs must be floating point to be differentiated, got {x.dtype}")
-        sel, fixed = ps._fn.tensors()
-        ps._check_model_unchanged(sel)
         target_profile = boosted_target(ps.standardize(ps.profiles(x, y), mode), k, float(boost), by)
-        loss = ps._fn.sample_loss
+        engine = ps.resolve_engine()
+        if engine == "vmap":
+            sel, fixed = ps._fn.tensors()
+            loss = ps._fn.sample_loss
 
-        def cosine(x_i: Tensor, y_i: Tensor, t_i: Tensor) -> Tensor:
-            s = ps._profile_from_grads(grad(loss)(sel, fixed, x_i, y_i))
-            z = ps.standardize(s, mode)
-            return F.cosine_similarity(z, t_i, dim=0)
+            def cosine(x_i: Tensor, y_i: Tensor, t_i: Tensor) -> Tensor:
+                s = ps._profile_from_grads(grad(loss)(sel, fixed, x_i, y_i))
+                return F.cosine_similarity(ps.standardize(s, mode), t_i, dim=0)
 
-        cs = ps.chunk_size if chunk_size is None else chunk_size
-        if ps.vectorize:
+            cs = ps.chunk_size if chunk_size is None else chunk_size
             attr = vmap(grad(cosine), chunk_size=cs)(x, y, target_profile)
         else:
-            attr = torch.stack([grad(cosine)(x[i], y[i], target_profile[i]) for i in range(x.shape[0])])
+            # the batched engine builds its per-sample gradients from differentiable operations
+            # (unfold, einsum), so the profile's graph reaches the input (a double backward pass)
+            attr = torch.zeros_like(x)
+            cs = chunk_size or ps.chunk_size or 4
+            for start in range(0, x.shape[0], cs):
+                sl = slice(start, start + cs)
+                with torch.enable_grad():
+                    xs = x[sl].detach().requires_grad_(True)
+                    z = ps.standardize(ps._compute(xs, y[sl], create_graph=True), mode)
+                    cos = F.cosine_similarity(z, target_profile[sl], dim=1)
+                    (attr[sl],) = torch.autograd.grad(cos.sum(), xs)
         attr = attr.detach()
         if reduce == "max_abs":
             attr = attr.abs().amax(dim=1, keepdim=True)
