@@ -26,6 +26,13 @@ if ! "$_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_
 fi
 export PATH="$_venv/bin:$PATH"
 export PY="$_venv/bin/python"
+# Lint and type check (requirements/lint.txt, outside lock.txt so the venv cache key does not change)
+if ! "$_venv/bin/python" -c "import ruff, mypy" >/dev/null 2>&1 \
+    || ! cmp -s "$_root/requirements/lint.txt" "$_venv/.lint.txt"; then
+  "$_venv/bin/python" -m pip install -q -r "$_root/requirements/lint.txt" >"$_cache/pip-lint.log" 2>&1 \
+    || { cat "$_cache/pip-lint.log" >&2; exit 1; }
+  cp "$_root/requirements/lint.txt" "$_venv/.lint.txt"
+fi
 # Browser for tests/test_browser.py: Debian's Chromium (apt-get, when root) and Playwright
 # (requirements/browser.txt, kept out of lock.txt so the venv cache key does not change).
 # Where the set-up is possible, CAPTUM_NORMGRAD_REQUIRE_BROWSER=1 makes a missing browser a test

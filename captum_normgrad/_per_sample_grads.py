@@ -164,7 +164,9 @@ def _weight_blocks(
     if isinstance(mod, nn.Linear):
         groups = 1
         gg = g.reshape(n, 1, -1, rows_total).transpose(-1, -2)  # (n, 1, out, T)
-        cols_of: Callable[[slice], Tensor] = lambda sl: a[sl].reshape(sl.stop - sl.start, 1, -1, per_row).transpose(-1, -2)
+        cols_of: Callable[[slice], Tensor] = lambda sl: (
+            a[sl].reshape(sl.stop - sl.start, 1, -1, per_row).transpose(-1, -2)
+        )
         locations = gg.shape[-1]
     else:
         groups = mod.groups
@@ -184,8 +186,17 @@ def _weight_blocks(
         wd = w.detach()
         for i in range(n):
             _, gw, _ = torch.ops.aten.convolution_backward(
-                g[i : i + 1], a[i : i + 1], wd, None, mod.stride, mod.padding, mod.dilation, False, [0, 0],
-                groups, [False, True, False],
+                g[i : i + 1],
+                a[i : i + 1],
+                wd,
+                None,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                False,
+                [0, 0],
+                groups,
+                [False, True, False],
             )
             yield slice(i, i + 1), slice(0, rows_total), gw.unsqueeze(0)
         return

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import _capture, _dispatch, _targets
 from ._functional import STRATEGIES, Params, PerSampleModel, backward_hook_owners, per_example_flags
+from ._per_sample_grads import training_mode_offenders
 
 __all__ = ["LayerNormGradOrder1", "per_sample_cross_entropy"]
 
@@ -436,11 +437,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             raise ValueError(f"h must be a finite number > 0 (or None for 0.5/||v||), got {h!r}")
 
     def _check_mode(self) -> None:
-        bad = [
-            name or "<root>"
-            for name, m in self.model.named_modules()
-            if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-        ]
+        """The package's one policy for models in training mode (as parameter saliency)."""
+        bad = training_mode_offenders(self.model)
         if bad:
             raise ValueError(
                 f"the model is in training mode with BatchNorm/Dropout ({', '.join(bad[:3])}"

@@ -431,9 +431,7 @@ def fine_tune_experiment(
 # --------------------------------------------------------------------------- depth bias
 
 
-def stage_labels(
-    ps: ParameterSaliency, stages: Union[None, int, Callable[[str], str]] = None
-) -> List[str]:
+def stage_labels(ps: ParameterSaliency, stages: Union[None, int, Callable[[str], str]] = None) -> List[str]:
     r"""
     The network stage of every profile entry.
 
@@ -517,7 +515,9 @@ def layer_depth_bias(
         "share_top_k_naive": shares(ps.rank(profiles, k=k, by=by).flatten()),
     }
     if ps.is_fitted:
-        columns["share_top_k_standardized"] = shares(ps.rank(ps.standardize(profiles, "standardized"), k=k, by=by).flatten())
+        columns["share_top_k_standardized"] = shares(
+            ps.rank(ps.standardize(profiles, "standardized"), k=k, by=by).flatten()
+        )
     if pot is not None:
         columns["share_top_k_pot"] = shares(torch.cat(pot.rank(profiles, k=k)))
     sizes = torch.bincount(stage_idx, minlength=len(names))

@@ -133,7 +133,9 @@ class InputSpaceSaliency(GradientAttribution):
             raise TypeError(f"boost must be a number, got {type(boost).__name__}")
         if not math.isfinite(boost):
             raise ValueError(f"boost must be a finite number (e.g. the paper's 100.0), got {boost!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if mode != "naive" and not ps.is_fitted:
             ps.standardize(torch.zeros(1, ps.num_features), mode)  # raises the explanatory error

@@ -208,6 +208,12 @@ class POTScorer:
         if self._t is None:
             raise ValueError("this POTScorer is not fitted: call fit(reference_profiles) first")
 
+    def _fitted_t(self) -> np.ndarray:
+        """The fitted thresholds (raises when not fitted)."""
+        self._require_fit()
+        assert self._t is not None
+        return self._t
+
     # ------------------------------------------------------------------ results
     def _tensor(self, a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.array(a, copy=True))
@@ -215,7 +221,7 @@ class POTScorer:
     @property
     def thresholds(self) -> Tensor:
         self._require_fit()
-        return self._tensor(self._t)
+        return self._tensor(self._fitted_t())
 
     @property
     def gpd_shape(self) -> Tensor:
@@ -245,14 +251,14 @@ class POTScorer:
     @property
     def num_features(self) -> int:
         self._require_fit()
-        return int(self._t.size)
+        return int(self._fitted_t().size)
 
     def _profiles(self, profiles: ArrayLike) -> np.ndarray:
         self._require_fit()
         arr = _to_numpy_2d(profiles, "profiles")
-        if arr.shape[1] != self._t.size:
+        if arr.shape[1] != self._fitted_t().size:
             raise ValueError(
-                f"profiles have {arr.shape[1]} filters but the scorer was fitted on {self._t.size}; "
+                f"profiles have {arr.shape[1]} filters but the scorer was fitted on {self._fitted_t().size}; "
                 "use naive profiles of the same model and aggregation"
             )
         return arr
@@ -272,7 +278,7 @@ class POTScorer:
         from scipy.stats import genpareto
 
         s = self._profiles(profiles)
-        z = s - self._t[None, :]
+        z = s - self._fitted_t()[None, :]
         above = z > 0
         p = np.full(s.shape, np.nan)
         fit = self._fitted
@@ -307,7 +313,7 @@ class POTScorer:
         """
         s = self._profiles(profiles)
         p = self.tail_probability(s).numpy()
-        margin = (s - self._t[None, :]) / self._spread[None, :]
+        margin = (s - self._fitted_t()[None, :]) / self._spread[None, :]
         ranked = np.isfinite(p)
         out = np.empty(s.shape, dtype=np.int64)
         for i in range(s.shape[0]):
@@ -352,7 +358,7 @@ class POTScorer:
                 "min_peaks": self.min_peaks,
                 "threshold": self.threshold,
             },
-            "thresholds": self._tensor(self._t),
+            "thresholds": self._tensor(self._fitted_t()),
             "shape": self._tensor(self._gamma),
             "scale": self._tensor(self._sigma),
             "n_peaks": self._tensor(self._n_peaks),

@@ -288,7 +288,9 @@ def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
     elif type(target).__module__ == "numpy" and hasattr(target, "shape"):
         t = torch.as_tensor(target)
     else:
-        raise TypeError(f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}")
+        raise TypeError(
+            f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}"
+        )
     if t.dim() == 0:
         t = t.expand(n)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -375,9 +377,7 @@ class _FunctionalModel:
         self.check_outputs(out, y, values)
         loss = self.loss_fn(out, y)
         if loss.numel() != 1:
-            raise ValueError(
-                f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}"
-            )
+            raise ValueError(f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}")
         return loss.reshape(())
 
     def batch_losses(self, out: Tensor, y: Tensor) -> Tensor:
@@ -405,7 +405,13 @@ def _unpack_batch(batch: Any) -> Tuple[Tensor, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in (("inputs", "targets"), ("input", "target"), ("image", "label"), ("images", "labels"), ("x", "y")):
+        for xk, yk in (
+            ("inputs", "targets"),
+            ("input", "target"),
+            ("image", "label"),
+            ("images", "labels"),
+            ("x", "y"),
+        ):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
     raise TypeError(
@@ -514,7 +520,9 @@ class ParameterSaliency:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_choice("mode", mode, MODES)
         _check_choice("aggregation", aggregation, AGGREGATIONS)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable: (logits (1, K), target (1,)) -> scalar loss")
@@ -558,8 +566,7 @@ class ParameterSaliency:
             missing = [n for n in parameters if n not in lookup]
             if missing:
                 raise ValueError(
-                    f"unknown parameter name(s) {missing[:3]}; pick names from "
-                    "[n for n, _ in model.named_parameters()]"
+                    f"unknown parameter name(s) {missing[:3]}; pick names from [n for n, _ in model.named_parameters()]"
                 )
             wanted = set(parameters)
             chosen = [(n, p) for n, p in named if n in wanted]  # named_parameters() order
@@ -844,7 +851,9 @@ class ParameterSaliency:
         """
         from tqdm.auto import tqdm
 
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        if max_batches is not None and (
+            isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+        ):
             raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
         try:
             total_batches = len(dataloader)  # type: ignore[arg-type]
