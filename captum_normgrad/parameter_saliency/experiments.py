@@ -22,8 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._common import MODES, _check_choice
 from .pot import POTScorer
-from .profiles import MODES, ParameterSaliency, _check_choice
+from .profiles import ParameterSaliency
 
 __all__ = [
     "Table",

@@ -30,7 +30,8 @@ from captum.log import log_usage
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .profiles import MODES, ParameterSaliency, _check_choice
+from ._common import MODES, _check_choice
+from .profiles import ParameterSaliency
 
 __all__ = ["InputSpaceSaliency", "boosted_target"]
 

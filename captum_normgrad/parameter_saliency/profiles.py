@@ -25,23 +25,29 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import numbers
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .._functional import backward_hook_owners
 from .._per_sample_grads import (
     NotCovered,
     coverage_problem,
     per_sample_grads,
-    training_mode_offenders,
 )
+from ._common import AGGREGATIONS, ENGINES, MODES, SIGMA_FLOOR, _check_choice
+from ._engine import (
+    _check_inputs,
+    _check_target,
+    _FunctionalModel,
+    _unpack_batch,
+    _unwrap,
+)
+from .filters import FilterRef, _Entry, _module_name
+from .statistics import WelfordState, merge_welford
 
 __all__ = [
     "MODES",
@@ -54,370 +60,11 @@ __all__ = [
     "ParameterSaliency",
 ]
 
-#: Saliency modes: standardised ``(s - mu) / sigma``, raw ``s``, and ``s / mu``.
-MODES: Tuple[str, ...] = ("standardized", "naive", "norm")
-#: Aggregations: one value per filter (output channel) or one value per individual weight.
-AGGREGATIONS: Tuple[str, ...] = ("filter", "parameter")
-#: Per-sample gradient engines (see :class:`ParameterSaliency`).
-ENGINES: Tuple[str, ...] = ("auto", "batched", "vmap", "loop")
-#: Standard deviations (and, in ``"norm"`` mode, means) at or below this are replaced by 1.
-SIGMA_FLOOR: float = 1e-14
-
 _FORMAT = "captum_normgrad.parameter_saliency.statistics"
 _FORMAT_VERSION = 1
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Selector = Union[str, Sequence[str], None]
-
-
-# --------------------------------------------------------------------------- index of filters
-
-
-@dataclass(frozen=True)
-class FilterRef:
-    """Where entry ``index`` of a saliency profile lives in the model.
-
-    Attributes:
-        index (int): position in the profile.
-        parameter (str): the parameter's name in ``model.named_parameters()``
-                    (e.g. ``"layer1.0.conv1.weight"``).
-        module (str): the owning module's name (e.g. ``"layer1.0.conv1"``; ``""`` for the root).
-        channel (int): the output channel (filter) inside the parameter (dim 0).
-        element (tuple[int, ...] or None): with ``aggregation="parameter"``, the position of the
-                    weight inside its filter (the remaining dims); None for filter-wise profiles.
-    """
-
-    index: int
-    parameter: str
-    module: str
-    channel: int
-    element: Optional[Tuple[int, ...]] = None
-
-    @property
-    def layer(self) -> str:
-        """Alias of :attr:`module` (the layer name)."""
-        return self.module
-
-    def __str__(self) -> str:
-        where = f"{self.module or '<root>'}[{self.channel}]"
-        if self.element is not None:
-            where += "[" + ", ".join(str(i) for i in self.element) + "]"
-        return where
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    shape: Tuple[int, ...]
-    offset: int
-    count: int
-
-
-def _module_name(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
-
-
-# --------------------------------------------------------------------------- Welford statistics
-
-
-class WelfordState:
-    r"""Running count, mean and sum of squared deviations of profile vectors (float64).
-
-    Mergeable: states computed on disjoint shards of a reference set combine exactly (Chan et al.'s
-    parallel update) with :meth:`merge`, in any order, so that statistics can be computed on several
-    processes and combined (e.g. ``torch.distributed.all_gather`` of :meth:`pack` ed states followed
-    by :func:`merge_welford`).
-
-    Args:
-        num_features (int): Length of the profile vectors.
-        device (torch.device or str, optional): Where the float64 statistics live.
-                    Default: ``"cpu"``
-    """
-
-    def __init__(self, num_features: int, device: Union[str, torch.device] = "cpu") -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.count: int = 0
-        self.mean: Tensor = torch.zeros(num_features, dtype=torch.float64, device=device)
-        self.m2: Tensor = torch.zeros(num_features, dtype=torch.float64, device=device)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.mean.numel())
-
-    def __repr__(self) -> str:
-        return f"WelfordState(num_features={self.num_features}, count={self.count})"
-
-    def update(self, batch: Tensor) -> "WelfordState":
-        """Add a batch of profiles ``(B, num_features)`` (in place; returns ``self``)."""
-        if not isinstance(batch, Tensor):
-            raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
-        b = batch.detach().to(device=self.mean.device, dtype=torch.float64)
-        if b.dim() == 1:
-            b = b.unsqueeze(0)
-        if b.dim() != 2 or b.shape[1] != self.num_features:
-            raise ValueError(
-                f"batch must have shape (B, {self.num_features}), got {tuple(batch.shape)}; pass profiles "
-                "computed for the same model and aggregation"
-            )
-        if not bool(torch.isfinite(b).all()):
-            raise ValueError("batch contains NaN or Inf profiles; check the model and the inputs")
-        n_b = b.shape[0]
-        if n_b == 0:
-            return self
-        mean_b = b.mean(0)
-        m2_b = ((b - mean_b) ** 2).sum(0)
-        self._combine(n_b, mean_b, m2_b)
-        return self
-
-    def _combine(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        if n_a == 0:
-            self.mean = mean_b.clone()
-            self.m2 = m2_b.clone()
-        else:
-            delta = mean_b - self.mean
-            self.mean = self.mean + delta * (n_b / n)
-            self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
-        self.count = n
-
-    def merge(self, other: "WelfordState") -> "WelfordState":
-        """A new state equal to the statistics of both states' samples together."""
-        if not isinstance(other, WelfordState):
-            raise TypeError(f"can only merge a WelfordState, got {type(other).__name__}")
-        if other.num_features != self.num_features:
-            raise ValueError(
-                f"cannot merge states of {self.num_features} and {other.num_features} features "
-                "(different models or aggregations)"
-            )
-        out = self.copy()
-        if other.count:
-            out._combine(other.count, other.mean.to(out.mean.device), other.m2.to(out.mean.device))
-        return out
-
-    def __add__(self, other: "WelfordState") -> "WelfordState":
-        return self.merge(other)
-
-    def copy(self) -> "WelfordState":
-        out = WelfordState(self.num_features, self.mean.device)
-        out.count, out.mean, out.m2 = self.count, self.mean.clone(), self.m2.clone()
-        return out
-
-    def variance(self) -> Tensor:
-        """Unbiased variance ``m2 / (count - 1)`` (needs ``count >= 2``)."""
-        if self.count < 2:
-            raise ValueError(
-                f"the unbiased variance needs at least 2 reference samples, got {self.count}; "
-                "fit on a larger reference set"
-            )
-        return self.m2 / (self.count - 1)
-
-    def std(self, floor: float = SIGMA_FLOOR) -> Tensor:
-        """Unbiased standard deviation, with values ``<= floor`` replaced by 1."""
-        sd = self.variance().clamp_min(0).sqrt()
-        return torch.where(sd <= floor, torch.ones_like(sd), sd)
-
-    # -- serialisation / distribution helpers
-    def pack(self) -> Tensor:
-        """One float64 tensor ``[count, mean..., m2...]`` (for ``all_gather``); see :meth:`unpack`."""
-        head = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
-        return torch.cat([head, self.mean, self.m2])
-
-    @classmethod
-    def unpack(cls, packed: Tensor) -> "WelfordState":
-        """Inverse of :meth:`pack`."""
-        if not isinstance(packed, Tensor) or packed.dim() != 1 or packed.numel() < 3 or packed.numel() % 2 == 0:
-            raise ValueError("packed must be a 1-D tensor [count, mean (F), m2 (F)] as written by WelfordState.pack")
-        num = (packed.numel() - 1) // 2
-        out = cls(num, packed.device)
-        out.count = int(round(float(packed[0])))
-        out.mean = packed[1 : 1 + num].to(torch.float64).clone()
-        out.m2 = packed[1 + num :].to(torch.float64).clone()
-        return out
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"count": self.count, "mean": self.mean.cpu(), "m2": self.m2.cpu()}
-
-    @classmethod
-    def from_state_dict(cls, state: Dict[str, Any]) -> "WelfordState":
-        mean = torch.as_tensor(state["mean"], dtype=torch.float64)
-        out = cls(int(mean.numel()))
-        out.count = int(state["count"])
-        out.mean = mean.clone()
-        out.m2 = torch.as_tensor(state["m2"], dtype=torch.float64).clone()
-        if out.m2.shape != out.mean.shape:
-            raise ValueError("corrupt Welford state: mean and m2 have different shapes")
-        return out
-
-
-def merge_welford(states: Iterable[WelfordState]) -> WelfordState:
-    """Merge several :class:`WelfordState` s (e.g. one per process) into one."""
-    states = list(states)
-    if not states:
-        raise ValueError("merge_welford needs at least one state")
-    out = states[0].copy()
-    for s in states[1:]:
-        out = out.merge(s)
-    return out
-
-
-# --------------------------------------------------------------------------- functional plumbing
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
-    if target is None:
-        raise ValueError(
-            "target is required: parameter saliency differentiates the loss of the true label "
-            "(pass one class index per sample, e.g. the dataset labels)"
-        )
-    if isinstance(target, Tensor):
-        t = target.detach()
-    elif isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        t = torch.full((n,), int(target), dtype=torch.long)
-    elif isinstance(target, (list, tuple)):
-        t = torch.as_tensor([int(v) if isinstance(v, numbers.Integral) else v for v in target])
-    elif type(target).__module__ == "numpy" and hasattr(target, "shape"):
-        t = torch.as_tensor(target)
-    else:
-        raise TypeError(
-            f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}"
-        )
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"target must have one class index per sample (shape ({n},)), got shape {tuple(t.shape)}")
-    if n and int(t.min()) < 0:
-        raise ValueError("target holds negative class indices")
-    return t.to(device=device, dtype=torch.long)
-
-
-def _default_loss(outputs: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, target)
-
-
-class _FunctionalModel:
-    """The caller's model, **as it is at call time**, as a pure function of tensor dictionaries.
-
-    Nothing is copied at construction: every evaluation reads the model's current modules,
-    parameters and buffers (a submodule swapped after the :class:`ParameterSaliency` was built is
-    used). ``functional_call`` swaps tensors on the caller's model for the duration of one call and
-    restores them.
-    """
-
-    def __init__(self, model: nn.Module, selected: Sequence[str], loss_fn: Optional[LossFn]) -> None:
-        self.model = model
-        self.selected = list(selected)
-        self.custom_loss = loss_fn is not None
-        self.loss_fn = loss_fn or _default_loss
-
-    def check_mode(self) -> None:
-        """The package's one policy for models in training mode: refuse BatchNorm/Dropout in training mode."""
-        bad = training_mode_offenders(self.model)
-        if bad:
-            raise ValueError(
-                f"the model is in training mode with BatchNorm/Dropout ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}): batch statistics would mix the samples (and update the "
-                "running statistics) and dropout would make the saliency random. Call model.eval() first "
-                "(parameter saliency is defined in eval mode)"
-            )
-
-    def tensors(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        self.check_mode()
-        params = dict(self.model.named_parameters())
-        missing = [k for k in self.selected if k not in params]
-        if missing:
-            raise ValueError(
-                f"parameter {missing[0]} no longer exists in the model (it was changed after this "
-                "ParameterSaliency was built); build a new ParameterSaliency for the modified model"
-            )
-        sel = {k: params[k].detach() for k in self.selected}
-        fixed = {k: v.detach() for k, v in params.items() if k not in sel}
-        fixed.update({k: b.detach() for k, b in self.model.named_buffers()})
-        return sel, fixed
-
-    def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    def outputs(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, {**fixed, **sel}, (x,))
-
-    def check_outputs(self, out: Any, y: Tensor, values: bool = True) -> None:
-        """Logits of the right form for the loss; with ``values``, ``y`` within the classes (not under vmap)."""
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model must return a tensor of logits, got {type(out).__name__}")
-        if not self.custom_loss:
-            if out.dim() != 2:
-                raise ValueError(
-                    f"the model must return logits of shape (N, num_classes) for the cross-entropy loss, got shape "
-                    f"{tuple(out.shape)}; pass a loss_fn for other outputs"
-                )
-            if values and y.numel() and int(y.max()) >= out.shape[1]:
-                raise ValueError(f"target holds class index {int(y.max())} but the model has {out.shape[1]} outputs")
-
-    def sample_loss(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """Loss of one sample (``x`` without batch dim), batch-1 semantics."""
-        out = self.outputs(sel, fixed, x.unsqueeze(0))
-        return self.one_loss(out, y.unsqueeze(0), values=False)
-
-    def one_loss(self, out: Tensor, y: Tensor, values: bool = True) -> Tensor:
-        """``loss_fn`` of one sample's output ``(1, ...)`` and target ``(1,)``, as a scalar."""
-        self.check_outputs(out, y, values)
-        loss = self.loss_fn(out, y)
-        if loss.numel() != 1:
-            raise ValueError(f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}")
-        return loss.reshape(())
-
-    def batch_losses(self, out: Tensor, y: Tensor) -> Tensor:
-        """Per-sample losses ``(N,)`` of a batched output: row ``i`` is ``loss_fn(out[i:i+1], y[i:i+1])``."""
-        self.check_outputs(out, y)
-        if not self.custom_loss:
-            return F.cross_entropy(out, y, reduction="none")
-        return torch.stack([self.one_loss(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])])
-
-
-def _check_inputs(inputs: Any) -> Tensor:
-    if not isinstance(inputs, Tensor):
-        raise TypeError(
-            f"inputs must be a torch.Tensor with the batch on dim 0, got {type(inputs).__name__} "
-            "(parameter saliency supports models that take a single tensor)"
-        )
-    if inputs.dim() < 1:
-        raise ValueError("inputs must have a batch dimension (dim 0)")
-    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-        raise ValueError("inputs contain NaN or Inf values; clean them (e.g. torch.nan_to_num) first")
-    return inputs
-
-
-def _unpack_batch(batch: Any) -> Tuple[Tensor, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for xk, yk in (
-            ("inputs", "targets"),
-            ("input", "target"),
-            ("image", "label"),
-            ("images", "labels"),
-            ("x", "y"),
-        ):
-            if xk in batch and yk in batch:
-                return batch[xk], batch[yk]
-    raise TypeError(
-        "each batch of the dataloader must be (inputs, targets, ...) or a dict with 'inputs'/'targets' "
-        f"(or 'image'/'label'), got {type(batch).__name__}"
-    )
 
 
 # --------------------------------------------------------------------------- the saliency object
@@ -1017,8 +664,3 @@ class ParameterSaliency:
             f"ParameterSaliency({type(self.model).__name__}, mode={self.mode!r}, aggregation={self.aggregation!r}, "
             f"{len(self._entries)} parameters, {self.num_features} features, {fitted})"
         )
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

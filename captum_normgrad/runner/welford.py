@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..parameter_saliency import WelfordState
+from ..parameter_saliency import WelfordState, merge_welford
 
 __all__ = ["WelfordState", "merge_states", "all_reduce_welford"]
 
@@ -40,12 +40,13 @@ def merge_states(states: Iterable[WelfordState], num_features: Optional[int] = N
     Returns:
         *WelfordState*: a new state (the inputs are not modified).
     """
-    acc: Optional[WelfordState] = WelfordState(num_features) if num_features is not None else None
-    for s in states:
-        acc = s.copy() if acc is None else acc.merge(s)
-    if acc is None:
-        raise ValueError("merge_states needs at least one state (or num_features for an empty merge)")
-    return acc
+    states = list(states)
+    if not states:
+        if num_features is None:
+            raise ValueError("merge_states needs at least one state (or num_features for an empty merge)")
+        return WelfordState(num_features)
+    # the package's one merge (a left fold of WelfordState.merge): bit-identical whoever calls it
+    return merge_welford(states)
 
 
 def all_reduce_welford(state: WelfordState, group: Optional[Any] = None) -> WelfordState:
