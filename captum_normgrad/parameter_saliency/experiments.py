@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._common import MODES, _check_choice
+from ._common import _check_choice
 from .pot import POTScorer
-from .profiles import ParameterSaliency
+from .profiles import MODES, ParameterSaliency
 
 __all__ = [
     "Table",

@@ -30,8 +30,8 @@ from captum.log import log_usage
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ._common import MODES, _check_choice
-from .profiles import ParameterSaliency
+from ._common import _check_choice
+from .profiles import MODES, ParameterSaliency
 
 __all__ = ["InputSpaceSaliency", "boosted_target"]
 

@@ -38,7 +38,7 @@ from .._per_sample_grads import (
     coverage_problem,
     per_sample_grads,
 )
-from ._common import AGGREGATIONS, ENGINES, MODES, SIGMA_FLOOR, _check_choice
+from ._common import _check_choice
 from ._engine import (
     _check_inputs,
     _check_target,
@@ -47,18 +47,24 @@ from ._engine import (
     _unwrap,
 )
 from .filters import FilterRef, _Entry, _module_name
-from .statistics import WelfordState, merge_welford
+from .statistics import SIGMA_FLOOR, WelfordState, merge_welford
 
 __all__ = [
     "MODES",
     "AGGREGATIONS",
     "ENGINES",
-    "SIGMA_FLOOR",
     "FilterRef",
     "WelfordState",
     "merge_welford",
     "ParameterSaliency",
 ]
+
+#: Saliency modes: standardised ``(s - mu) / sigma``, raw ``s``, and ``s / mu``.
+MODES: Tuple[str, ...] = ("standardized", "naive", "norm")
+#: Aggregations: one value per filter (output channel) or one value per individual weight.
+AGGREGATIONS: Tuple[str, ...] = ("filter", "parameter")
+#: Per-sample gradient engines (see :class:`~captum_normgrad.parameter_saliency.ParameterSaliency`).
+ENGINES: Tuple[str, ...] = ("auto", "batched", "vmap", "loop")
 
 _FORMAT = "captum_normgrad.parameter_saliency.statistics"
 _FORMAT_VERSION = 1

@@ -7,9 +7,10 @@ from typing import Any, Dict, Iterable, Union
 import torch
 from torch import Tensor
 
-from ._common import SIGMA_FLOOR
+__all__ = ["SIGMA_FLOOR", "WelfordState", "merge_welford"]
 
-__all__ = ["WelfordState", "merge_welford"]
+#: Standard deviations (and, in ``"norm"`` mode, means) at or below this are replaced by 1.
+SIGMA_FLOOR: float = 1e-14
 
 
 # --------------------------------------------------------------------------- Welford statistics
