@@ -150,3 +150,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
         deletion_curve(net, x, torch.rand(2, 1, 2, 2), target=[0, 1, 0])
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         deletion_curve(net, (x,), torch.rand(2, 1, 2, 2), target=0)  # type: ignore[arg-type]
+
+
+def test_scores_follow_the_package_target_rule() -> None:
+    """Negative class indices and 1-tuples select what Captum means; bool masks are refused."""
+    from captum_normgrad.evaluation.faithfulness import _score
+
+    out = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.5, 0.25]])
+    torch.testing.assert_close(_score(out, -1, "logit"), out[:, 2])
+    torch.testing.assert_close(_score(out, (1,), "logit"), out[:, 1])
+    torch.testing.assert_close(_score(out, torch.tensor([-1, 0]), "logit"), torch.tensor([-1.0, 3.0]))
+    with pytest.raises(TypeError, match="torch.bool"):
+        _score(out, torch.tensor([True, False]), "softmax")

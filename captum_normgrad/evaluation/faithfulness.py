@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .._capture import owning_module, preserve_module_state
 from .._maps import reduce_map_channels, resize_maps
+from .._targets import normalize_target
 
 __all__ = ["FaithfulnessCurve", "deletion_curve", "insertion_curve", "blur_baseline"]
 
@@ -97,6 +98,9 @@ def blur_baseline(inputs: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
 def _score(outputs: Tensor, target: TargetType, score: ScoreFn) -> Tensor:
     if callable(score):
         return torch.as_tensor(score(outputs, target)).reshape(outputs.shape[0])
+    if score in ("softmax", "logit"):
+        # the package's one target rule: negative indices, 1-tuples, bool tensors refused
+        target = normalize_target(outputs.shape, target)
     if score == "softmax":
         return _select_targets(torch.softmax(outputs, dim=1), target)
     if score == "logit":
