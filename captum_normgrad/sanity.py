@@ -1,24 +1,5 @@
-"""Deprecated location: ``captum_normgrad.sanity`` moved to ``captum_normgrad.evaluation.sanity`` (this shim goes in the next release)."""
+"""Deprecated location: ``captum_normgrad.sanity`` moved to ``captum_normgrad.evaluation.sanity`` (this alias goes in the next release)."""
 
-import importlib
-import warnings
-from typing import Any, List
+from ._deprecated import alias_module
 
-warnings.warn(
-    "captum_normgrad.sanity moved to captum_normgrad.evaluation.sanity; import from there (this alias goes in the next release)",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
-_SOURCES = ["captum_normgrad.evaluation.sanity"]
-
-
-def __getattr__(name: str) -> Any:
-    for src in _SOURCES:
-        mod = importlib.import_module(src)
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__: List[str] = sorted({n for src in _SOURCES for n in getattr(importlib.import_module(src), "__all__", [])})
+alias_module(__name__, "captum_normgrad.evaluation.sanity", ["captum_normgrad.evaluation.sanity"])
