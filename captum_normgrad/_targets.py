@@ -25,7 +25,14 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["check_target", "normalize_target", "class_indices", "per_sample_rows", "is_class_index_target"]
+__all__ = [
+    "check_target",
+    "normalize_target",
+    "class_indices",
+    "class_index_vector",
+    "per_sample_rows",
+    "is_class_index_target",
+]
 
 Index = Union[int, Tuple[int, ...]]
 
@@ -217,3 +224,42 @@ def per_sample_rows(target: Any, n: int) -> List[Any]:
             return [target.reshape(())] * n
         return [target[i] for i in range(n)]
     raise TypeError(f"unsupported target type {type(target).__name__}")
+
+
+def class_index_vector(target: Any, n: int, device: Optional[torch.device] = None) -> Tensor:
+    """The ``(n,)`` long tensor of class indices of a class-index target, before the output shape
+    is known (e.g. the true labels of parameter saliency).
+
+    Accepts the class-index forms of :func:`class_indices` (an int, a 1-tuple, a list of ints or
+    1-tuples, a 0-d / 1-element / ``(n,)`` integer tensor) and NumPy integer arrays. Negative
+    indices need the number of classes: resolve them with :func:`class_indices` once the output
+    shape is known; here they are refused.
+    """
+    if target is not None and type(target).__module__ == "numpy" and hasattr(target, "shape"):
+        target = torch.as_tensor(target)
+    if isinstance(target, list):
+        target = [v[0] if isinstance(v, tuple) and len(v) == 1 else v for v in target]
+        for i, v in enumerate(target):
+            if type(v).__module__ == "numpy":
+                target[i] = int(v)
+    if isinstance(target, tuple) and len(target) == 1:
+        target = target[0]
+    if isinstance(target, Tensor):
+        _tensor_target(target, n)
+        t = target.detach().reshape(-1)
+        t = t.expand(n) if t.numel() == 1 else t
+    elif isinstance(target, bool) or not (isinstance(target, int) or isinstance(target, list)):
+        raise TypeError(
+            f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}"
+        )
+    elif isinstance(target, int):
+        t = torch.full((n,), target, dtype=torch.long)
+    else:
+        if len(target) != n:
+            raise ValueError(f"target has {len(target)} entries but the batch has {n} examples")
+        t = torch.tensor([_as_int(v, f"[{i}]") for i, v in enumerate(target)], dtype=torch.long)
+    if t.numel() != n:
+        raise ValueError(f"target must have one class index per sample (shape ({n},)), got {t.numel()}")
+    if n and int(t.min()) < 0:
+        raise ValueError("target holds negative class indices; give the labels as indices 0..classes-1 here")
+    return t.to(device=device, dtype=torch.long)

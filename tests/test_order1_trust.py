@@ -609,3 +609,18 @@ def test_batchnorm_buffers_restored_with_a_lambda_forward() -> None:
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert m.training
+
+
+def test_parameter_saliency_targets_follow_the_package_rule() -> None:
+    """One target rule: 1-tuples and lists of 1-tuples are labels; bool masks are refused."""
+    from captum_normgrad._targets import class_index_vector
+
+    torch.testing.assert_close(class_index_vector([(2,), 1], 2), torch.tensor([2, 1]))
+    torch.testing.assert_close(class_index_vector((3,), 2), torch.tensor([3, 3]))
+    torch.testing.assert_close(class_index_vector(torch.tensor(4), 3), torch.tensor([4, 4, 4]))
+    with pytest.raises(TypeError, match="torch.bool"):
+        class_index_vector(torch.tensor([True, False]), 2)
+    with pytest.raises(ValueError, match="negative class indices"):
+        class_index_vector([0, -1], 2)
+    with pytest.raises(ValueError, match="2 entries but the batch has 3"):
+        class_index_vector([0, 1], 3)

@@ -356,7 +356,7 @@ def test_unfitted_standardized_mode_and_other_bad_inputs():
         ps.profiles(x, None)
     with pytest.raises(ValueError, match="3 outputs"):
         ps.profiles(x, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="one class index per sample"):
+    with pytest.raises(ValueError, match=r"one per example \(2\)"):
         ps.profiles(x, torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="integer"):
         ps.profiles(x, torch.tensor([0.0, 1.0]))

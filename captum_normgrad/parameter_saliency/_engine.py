@@ -3,7 +3,6 @@ and loop fallbacks of the batched engine), input and target checks."""
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._per_sample_grads import training_mode_offenders
+from .._targets import class_index_vector
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -28,32 +28,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
+    """The true labels as an ``(n,)`` long tensor (the package's one target rule, :mod:`captum_normgrad._targets`)."""
     if target is None:
         raise ValueError(
             "target is required: parameter saliency differentiates the loss of the true label "
             "(pass one class index per sample, e.g. the dataset labels)"
         )
-    if isinstance(target, Tensor):
-        t = target.detach()
-    elif isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        t = torch.full((n,), int(target), dtype=torch.long)
-    elif isinstance(target, (list, tuple)):
-        t = torch.as_tensor([int(v) if isinstance(v, numbers.Integral) else v for v in target])
-    elif type(target).__module__ == "numpy" and hasattr(target, "shape"):
-        t = torch.as_tensor(target)
-    else:
-        raise TypeError(
-            f"target must be an int, a list of ints or a 1-D tensor of class indices, got {type(target).__name__}"
-        )
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"target must have one class index per sample (shape ({n},)), got shape {tuple(t.shape)}")
-    if n and int(t.min()) < 0:
-        raise ValueError("target holds negative class indices")
-    return t.to(device=device, dtype=torch.long)
+    return class_index_vector(target, n, device)
 
 
 def _default_loss(outputs: Tensor, target: Tensor) -> Tensor:
