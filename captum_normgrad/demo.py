@@ -207,6 +207,15 @@ def plot_figure1(result: DemoResult, path: Path, index: int = 0) -> Path:
                 color="white",
                 bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
             )
+    # Captum's absolute-value heat maps: Blues, each map divided by its 98th percentile, clipped to [0, 1]
+    from matplotlib import cm, colors
+
+    fig.set_layout_engine(None)
+    fig.subplots_adjust(right=0.92)
+    cax = fig.add_axes((0.935, 0.15, 0.012, 0.6))
+    bar = fig.colorbar(cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="Blues"), cax=cax)
+    bar.set_label("map / its 98th percentile (clipped)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     fig.savefig(path, dpi=110)
     return path
 
