@@ -6,7 +6,7 @@ each image size (default 64 and 112 px):
 1. Filter-wise profiles of 32 samples on torchvision ``resnet18`` (random init, eval mode, 4800
    convolution filters): :meth:`ParameterSaliency.profiles` with its default engine (one batched
    forward and backward, per-sample weight gradients as activation x output gradient, reduced in
-   cache-sized blocks), with ``engine="vmap"`` (``chunk_size=8``), against a straightforward loop
+   cache-sized blocks), with ``strategy="vmap"`` (``chunk_size=8``), against a straightforward loop
    (one ``autograd.grad`` per sample on the model) and against the **ceiling**: one batched
    forward and backward with the *summed* weight gradients (what any per-sample method must at
    least do). Targets: batched >= 2.5x the loop at 64 px and >= 1.5x at 112 px.
@@ -94,7 +94,7 @@ def run_size(args: argparse.Namespace, model: nn.Module, size: int, dev: torch.d
     x = torch.randn(args.samples, 3, size, size, generator=gen).to(dev)
     y = torch.randint(0, 1000, (args.samples,), generator=gen).to(dev)
     batched = ParameterSaliency(model, mode="naive")
-    vmapped = ParameterSaliency(model, mode="naive", engine="vmap", chunk_size=args.chunk)
+    vmapped = ParameterSaliency(model, mode="naive", strategy="vmap", chunk_size=args.chunk)
     fns: Dict[str, Callable[[], Any]] = {
         "loop_autograd": lambda: loop_profiles(model, x, y),
         "batched": lambda: batched.profiles(x, y),
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "model": args.model,
         "num_filters": fitter.num_features,
-        "engine": fitter.resolve_engine(),
+        "engine": fitter.resolve_strategy(),
         "sizes": sizes,
         "fit": {"samples": n_fit, "batch": args.fit_batch, "size": size, "time_s": fit_s,
                 "samples_per_s": n_fit / fit_s},
@@ -245,7 +245,7 @@ def speed_markdown(part: Dict[str, Any]) -> List[str]:
         f"{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, {env['torch_threads']} thread(s), "
         f"torchvision {res['model']} (random init, eval), {res['num_filters']} filters, {st['samples']} samples; "
         f"median of {st['repeats']} interleaved rounds ({st['warmup']} warm-up); speed-ups are medians of per-round "
-        f"ratios. {env['date_utc']}; {_timing.describe_load(env)} Engine chosen by `engine=\"auto\"`: "
+        f"ratios. {env['date_utc']}; {_timing.describe_load(env)} Engine chosen by `strategy=\"auto\"`: "
         f"`{res['engine']}`.",
     ]
     for sp in res["sizes"]:
@@ -278,7 +278,7 @@ def speed_markdown(part: Dict[str, Any]) -> List[str]:
         "`ParameterSaliency.profiles` (one batched forward and backward; each layer's per-sample weight gradient is "
         "its unfolded input times its output gradient, reduced to the per-filter mean |.| in cache-sized blocks "
         "inside the backward pass); `ceiling_summed_grads`: one batched forward and backward with the summed "
-        "weight gradients, the floor of any per-sample method; `vmap_chunkN`: `engine=\"vmap\"` with `chunk_size=N` "
+        "weight gradients, the floor of any per-sample method; `vmap_chunkN`: `strategy=\"vmap\"` with `chunk_size=N` "
         "(`torch.func.vmap(grad)`, grouped convolutions). Differences are layer-relative (per sample and "
         "parameter, `max |p - ref| / max |ref|`). The float32 loop's own distance from float64 is float32 "
         "conditioning of batch-1 passes (a ReLU input within rounding of zero switches the gradient's path), "

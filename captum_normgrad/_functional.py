@@ -24,17 +24,28 @@ What is per-example among the extra forward arguments is decided here, once, by
 
 from __future__ import annotations
 
+import functools
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ._capture import resolve_call
+from ._per_sample_grads import training_mode_offenders
 
-__all__ = ["PerSampleModel", "STRATEGIES", "per_example_flags", "backward_hook_owners"]
+__all__ = [
+    "FunctionalModel",
+    "PerSampleModel",
+    "STRATEGIES",
+    "per_example_flags",
+    "backward_hook_owners",
+    "sample_param_grads",
+    "per_example_cross_entropy",
+]
 
 Params = Dict[str, Tensor]
 STRATEGIES = ("auto", "vmap", "loop")
@@ -84,6 +95,125 @@ def backward_hook_owners(model: nn.Module) -> List[str]:
     ]
 
 
+def sample_param_grads(
+    loss: Callable[[Params], Tensor], params: Params, create_graph: bool = False
+) -> Tuple[Params, Tensor]:
+    """One example's parameter gradients with plain autograd (any module, the model's own hooks):
+    ``loss(params)`` on leaf copies of ``params``; unused parameters get zeros.
+
+    Returns:
+        (dict[str, Tensor], Tensor): the gradients and the loss.
+    """
+    with torch.enable_grad():
+        live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        value = loss(live)
+        grads = torch.autograd.grad(value, list(live.values()), create_graph=create_graph, allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(live[k])) for k, g in zip(live, grads)}, value
+
+
+def per_example_cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy per example ``(N, K), (N,) -> (N,)``: the default loss of every per-sample method."""
+    return F.cross_entropy(outputs, target.reshape(-1).long(), reduction="none")
+
+
+class FunctionalModel:
+    """The caller's model, **as it is at call time**, as a pure function of tensor dictionaries:
+    the selected parameters (differentiated) and everything else (fixed), for one loss per example.
+
+    Nothing is copied at construction: every evaluation reads the model's current modules,
+    parameters and buffers (a submodule swapped after construction is used).
+    ``functional_call`` swaps tensors on the caller's model for the duration of one call and
+    restores them. Parameter saliency and input-space saliency evaluate the model through it;
+    order 1 (:class:`PerSampleModel`) takes its tensors from it.
+
+    Args:
+        model (nn.Module): the caller's model.
+        selected (sequence of str): names of the parameters that are differentiated.
+        loss_fn (Callable, optional): ``(outputs, target) -> loss``, one value per example; None is
+                    per-example cross-entropy.
+        purpose (str, optional): what the model is evaluated for, in the training-mode message.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selected: Sequence[str],
+        loss_fn: Optional[LossFn],
+        purpose: str = "parameter saliency is defined in eval mode",
+    ) -> None:
+        self.model = model
+        self.purpose = purpose
+        self.selected = list(selected)
+        self.custom_loss = loss_fn is not None
+        self.loss_fn = loss_fn or per_example_cross_entropy
+
+    def check_mode(self) -> None:
+        """The package's one policy for models in training mode: refuse BatchNorm/Dropout in training mode."""
+        bad = training_mode_offenders(self.model)
+        if bad:
+            raise ValueError(
+                f"the model is in training mode with BatchNorm/Dropout ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): batch statistics would mix the samples (and update the "
+                "running statistics) and dropout would make the saliency random. Call model.eval() first "
+                f"({self.purpose})"
+            )
+
+    def tensors(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        self.check_mode()
+        params = dict(self.model.named_parameters())
+        missing = [k for k in self.selected if k not in params]
+        if missing:
+            raise ValueError(
+                f"parameter {missing[0]} no longer exists in the model (it was changed after this "
+                "ParameterSaliency was built); build a new ParameterSaliency for the modified model"
+            )
+        sel = {k: params[k].detach() for k in self.selected}
+        fixed = {k: v.detach() for k, v in params.items() if k not in sel}
+        fixed.update({k: b.detach() for k, b in self.model.named_buffers()})
+        return sel, fixed
+
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def outputs(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.model, {**fixed, **sel}, (x,))
+
+    def check_outputs(self, out: Any, y: Tensor, values: bool = True) -> None:
+        """Logits of the right form for the loss; with ``values``, ``y`` within the classes (not under vmap)."""
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model must return a tensor of logits, got {type(out).__name__}")
+        if not self.custom_loss:
+            if out.dim() != 2:
+                raise ValueError(
+                    f"the model must return logits of shape (N, num_classes) for the cross-entropy loss, got shape "
+                    f"{tuple(out.shape)}; pass a loss_fn for other outputs"
+                )
+            if values and y.numel() and int(y.max()) >= out.shape[1]:
+                raise ValueError(f"target holds class index {int(y.max())} but the model has {out.shape[1]} outputs")
+
+    def sample_loss(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Loss of one sample (``x`` without batch dim), batch-1 semantics."""
+        out = self.outputs(sel, fixed, x.unsqueeze(0))
+        return self.one_loss(out, y.unsqueeze(0), values=False)
+
+    def one_loss(self, out: Tensor, y: Tensor, values: bool = True) -> Tensor:
+        """``loss_fn`` of one sample's output ``(1, ...)`` and target ``(1,)``, as a scalar."""
+        self.check_outputs(out, y, values)
+        loss = self.loss_fn(out, y)
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}")
+        return loss.reshape(())
+
+    def batch_losses(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-sample losses ``(N,)`` of a batched output: row ``i`` is ``loss_fn(out[i:i+1], y[i:i+1])``."""
+        self.check_outputs(out, y)
+        if not self.custom_loss:
+            return F.cross_entropy(out, y, reduction="none")
+        return torch.stack([self.one_loss(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])])
+
+
 class PerSampleModel:
     r"""A model, some layers and a per-sample loss, as pure functions of parameter dictionaries.
 
@@ -119,10 +249,13 @@ class PerSampleModel:
         self.batched_extra = batched_extra
         self.strategy = strategy
         self.layer_calls = list(layer_calls) if layer_calls is not None else [None] * len(self.layers)
-        named = dict(model.named_parameters())
-        self.trainable: Params = {k: p.detach() for k, p in named.items() if p.requires_grad}
-        self.constants: Dict[str, Tensor] = {k: p.detach() for k, p in named.items() if not p.requires_grad}
-        self.constants.update({k: b.detach() for k, b in model.named_buffers()})
+        fm = FunctionalModel(
+            model,
+            [k for k, p in model.named_parameters() if p.requires_grad],
+            None,
+            purpose="order-1 NormGrad uses the model's inference behaviour",
+        )
+        self.trainable, self.constants = fm.tensors()
         # per layer: the call index to perturb and the (batch-1) shapes of its tensors
         self.chosen: List[int] = [0] * len(self.layers)
         self.slots: List[List[torch.Size]] = [[] for _ in self.layers]
@@ -293,15 +426,23 @@ class PerSampleModel:
         losses_l, outs_l = [], []
         for i in range(x[0].shape[0]):
             xi, ei = self._sample(x, extra, i)
-            p = {k: v.detach().requires_grad_() for k, v in params.items()}
-            with torch.enable_grad():
-                loss, _, out = self.loss(p, None, xi, target[i], ei)
-                gs = torch.autograd.grad(loss, [p[k] for k in keys], allow_unused=True)
-            for j, (k, gk) in enumerate(zip(keys, gs)):
-                grads[j].append(torch.zeros_like(params[k]) if gk is None else gk)
+            seen: List[Tensor] = []
+            g, loss = sample_param_grads(
+                functools.partial(self._recorded_loss, xi=xi, ti=target[i], ei=ei, seen=seen), params
+            )
+            for j, k in enumerate(keys):
+                grads[j].append(g[k])
             losses_l.append(loss.detach())
-            outs_l.append(out.detach()[0])
+            outs_l.append(seen[0])
         return {k: torch.stack(grads[j]) for j, k in enumerate(keys)}, torch.stack(losses_l), torch.stack(outs_l)
+
+    def _recorded_loss(
+        self, p: Params, xi: Tuple[Tensor, ...], ti: Tensor, ei: Tuple[Any, ...], seen: List[Tensor]
+    ) -> Tensor:
+        """One example's loss; its output is appended to ``seen``."""
+        loss, _, out = self.loss(p, None, xi, ti, ei)
+        seen.append(out.detach()[0])
+        return loss
 
     def grads_at(
         self,

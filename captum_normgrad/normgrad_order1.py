@@ -7,7 +7,6 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from captum._utils.common import _format_additional_forward_args, _format_output, _format_tensor_into_tuples
 from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution, LayerAttribution
@@ -15,7 +14,14 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from . import _capture, _dispatch, _targets
-from ._functional import STRATEGIES, Params, PerSampleModel, backward_hook_owners, per_example_flags
+from ._functional import (
+    STRATEGIES,
+    Params,
+    PerSampleModel,
+    backward_hook_owners,
+    per_example_cross_entropy,
+    per_example_flags,
+)
 from ._per_sample_grads import training_mode_offenders
 
 __all__ = ["LayerNormGradOrder1", "per_sample_cross_entropy"]
@@ -25,8 +31,9 @@ _DEFAULT_BUDGET_BYTES = 2 * 1024**3
 
 
 def per_sample_cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
-    """Per-sample cross-entropy ``(N, K), (N,) -> (N,)``: the default loss of order-1 NormGrad."""
-    return F.cross_entropy(outputs, target.reshape(-1).long(), reduction="none")
+    """Per-sample cross-entropy ``(N, K), (N,) -> (N,)``: the default loss of order-1 NormGrad (and of
+    parameter saliency: the package's one per-example loss, :mod:`captum_normgrad._functional`)."""
+    return per_example_cross_entropy(outputs, target)
 
 
 def _axpy(theta: Params, direction: Params, alpha: Union[float, Tensor]) -> Params:

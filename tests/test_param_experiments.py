@@ -153,7 +153,7 @@ def test_input_space_errors():
 def test_input_space_every_engine_matches_hand_built_double_backward(engine):
     model = make()
     x, y = data(3, seed=7)
-    ps = ParameterSaliency(model, mode="naive", engine=engine)
+    ps = ParameterSaliency(model, mode="naive", strategy=engine)
     before = snapshot(model)
     got = InputSpaceSaliency(ps).attribute(x, y, k=3, chunk_size=2)
     assert_bit_identical(before, snapshot(model))

@@ -399,7 +399,7 @@ def test_explicit_parameter_list_and_custom_loss():
 def test_every_engine_matches_the_loop(engine, aggregation):
     model = make_model()
     x, y = data(5)
-    ps = ParameterSaliency(model, mode="naive", aggregation=aggregation, engine=engine, chunk_size=2)
+    ps = ParameterSaliency(model, mode="naive", aggregation=aggregation, strategy=engine, chunk_size=2)
     torch.testing.assert_close(ps.profiles(x, y), loop_profiles(model, x, y, aggregation), rtol=1e-5, atol=1e-8)
 
 
@@ -408,7 +408,7 @@ def test_a_module_swapped_after_construction_is_used():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
     x, y = data(4)
     for engine in ("auto", "vmap", "loop"):
-        ps = ParameterSaliency(model, mode="naive", engine=engine)
+        ps = ParameterSaliency(model, mode="naive", strategy=engine)
         before = ps.profiles(x, y)
         model[1] = nn.Tanh()  # swapped after construction: the call must follow the model as it is now
         got = ps.profiles(x, y)
@@ -429,17 +429,17 @@ def test_models_with_a_users_full_backward_hook_work():
     calls.clear()
     before = snapshot(model)
     for engine in ("auto", "loop"):
-        ps = ParameterSaliency(model, mode="naive", engine=engine)
+        ps = ParameterSaliency(model, mode="naive", strategy=engine)
         torch.testing.assert_close(ps.profiles(x, y), want, rtol=1e-5, atol=1e-8)
         assert_same(before, snapshot(model))
     assert calls  # the user's hook ran, as in a plain backward pass
-    with pytest.raises(ValueError, match="backward hooks.*layer1.*engine='auto' or 'loop'"):
-        ParameterSaliency(model, mode="naive", engine="vmap").profiles(x, y)
+    with pytest.raises(ValueError, match="backward hooks.*layer1.*strategy='auto' or 'loop'"):
+        ParameterSaliency(model, mode="naive", strategy="vmap").profiles(x, y)
     # a model the batched engine does not cover falls back to the loop (torch.func cannot run the hook)
     ln = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
     ln[1].register_full_backward_hook(lambda m, gi, go: None)
     ps = ParameterSaliency(ln, mode="naive", parameters="all")
-    assert ps.resolve_engine() == "loop"
+    assert ps.resolve_strategy() == "loop"
     torch.testing.assert_close(ps.profiles(x, y), loop_filter_all(ln, x, y), rtol=1e-5, atol=1e-8)
     handle.remove()
 
@@ -461,14 +461,14 @@ def test_uncovered_models_fall_back_and_engine_batched_refuses_them():
     model = nn.Sequential(WeightStd(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
     x, y = data(3)
     ps = ParameterSaliency(model, mode="naive")
-    assert ps.resolve_engine() == "vmap"
+    assert ps.resolve_strategy() == "vmap"
     torch.testing.assert_close(ps.profiles(x, y), loop_profiles(model, x, y), rtol=1e-5, atol=1e-8)
-    with pytest.raises(ValueError, match="WeightStd.*engine='auto'"):
-        ParameterSaliency(model, mode="naive", engine="batched").profiles(x, y)
-    with pytest.raises(ValueError, match="engine must be one of"):
-        ParameterSaliency(model, engine="grouped")
+    with pytest.raises(ValueError, match="WeightStd.*strategy='auto'"):
+        ParameterSaliency(model, mode="naive", strategy="batched").profiles(x, y)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        ParameterSaliency(model, strategy="grouped")
     with pytest.raises(ValueError, match="vectorize=False"):
-        ParameterSaliency(model, vectorize=False, engine="vmap")
+        ParameterSaliency(model, vectorize=False, strategy="vmap")
 
 
 def test_a_model_modifying_its_input_in_place_and_the_callers_tensor_untouched():
@@ -477,7 +477,7 @@ def test_a_model_modifying_its_input_in_place_and_the_callers_tensor_untouched()
     x, y = data(3)
     keep = x.clone()
     ps = ParameterSaliency(model, mode="naive")
-    assert ps.resolve_engine() == "batched"
+    assert ps.resolve_strategy() == "batched"
     got = ps.profiles(x, y)
     assert torch.equal(x, keep)
     torch.testing.assert_close(got, loop_profiles(model, keep.clone(), y), rtol=1e-5, atol=1e-8)

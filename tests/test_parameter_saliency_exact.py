@@ -77,9 +77,9 @@ def test_float32_batch_of_32_equals_per_sample_autograd(name):
         [filter_profile(torch.autograd.grad(losses[i], weights, retain_graph=True)) for i in range(32)]
     )
     for engine in ("auto", "vmap"):
-        ps = ParameterSaliency(model, mode="naive", engine=engine)
+        ps = ParameterSaliency(model, mode="naive", strategy=engine)
         if engine == "auto":
-            assert ps.resolve_engine() == "batched"
+            assert ps.resolve_strategy() == "batched"
         assert_layerwise_close(ps, ps.profiles(x, y), want, 1e-5)
 
 
@@ -93,5 +93,5 @@ def test_float64_equals_batch1_loop(name):
         [filter_profile(torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), weights)) for i in range(32)]
     )
     ps = ParameterSaliency(model, mode="naive")
-    assert ps.resolve_engine() == "batched"
+    assert ps.resolve_strategy() == "batched"
     assert_layerwise_close(ps, ps.profiles(x, y), want, 1e-10)

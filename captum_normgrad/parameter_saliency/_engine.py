@@ -3,14 +3,12 @@ and loop fallbacks of the batched engine), input and target checks."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from .._per_sample_grads import training_mode_offenders
+from .._layers import unwrap_model
 from .._targets import class_index_vector
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -19,12 +17,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # --------------------------------------------------------------------------- functional plumbing
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+_unwrap = unwrap_model  # the one DataParallel/DDP unwrapping (captum_normgrad._layers)
 
 
 def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
@@ -35,92 +28,6 @@ def _check_target(target: Any, n: int, device: torch.device) -> Tensor:
             "(pass one class index per sample, e.g. the dataset labels)"
         )
     return class_index_vector(target, n, device)
-
-
-def _default_loss(outputs: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, target)
-
-
-class _FunctionalModel:
-    """The caller's model, **as it is at call time**, as a pure function of tensor dictionaries.
-
-    Nothing is copied at construction: every evaluation reads the model's current modules,
-    parameters and buffers (a submodule swapped after the :class:`ParameterSaliency` was built is
-    used). ``functional_call`` swaps tensors on the caller's model for the duration of one call and
-    restores them.
-    """
-
-    def __init__(self, model: nn.Module, selected: Sequence[str], loss_fn: Optional[LossFn]) -> None:
-        self.model = model
-        self.selected = list(selected)
-        self.custom_loss = loss_fn is not None
-        self.loss_fn = loss_fn or _default_loss
-
-    def check_mode(self) -> None:
-        """The package's one policy for models in training mode: refuse BatchNorm/Dropout in training mode."""
-        bad = training_mode_offenders(self.model)
-        if bad:
-            raise ValueError(
-                f"the model is in training mode with BatchNorm/Dropout ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}): batch statistics would mix the samples (and update the "
-                "running statistics) and dropout would make the saliency random. Call model.eval() first "
-                "(parameter saliency is defined in eval mode)"
-            )
-
-    def tensors(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        self.check_mode()
-        params = dict(self.model.named_parameters())
-        missing = [k for k in self.selected if k not in params]
-        if missing:
-            raise ValueError(
-                f"parameter {missing[0]} no longer exists in the model (it was changed after this "
-                "ParameterSaliency was built); build a new ParameterSaliency for the modified model"
-            )
-        sel = {k: params[k].detach() for k in self.selected}
-        fixed = {k: v.detach() for k, v in params.items() if k not in sel}
-        fixed.update({k: b.detach() for k, b in self.model.named_buffers()})
-        return sel, fixed
-
-    def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    def outputs(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, {**fixed, **sel}, (x,))
-
-    def check_outputs(self, out: Any, y: Tensor, values: bool = True) -> None:
-        """Logits of the right form for the loss; with ``values``, ``y`` within the classes (not under vmap)."""
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model must return a tensor of logits, got {type(out).__name__}")
-        if not self.custom_loss:
-            if out.dim() != 2:
-                raise ValueError(
-                    f"the model must return logits of shape (N, num_classes) for the cross-entropy loss, got shape "
-                    f"{tuple(out.shape)}; pass a loss_fn for other outputs"
-                )
-            if values and y.numel() and int(y.max()) >= out.shape[1]:
-                raise ValueError(f"target holds class index {int(y.max())} but the model has {out.shape[1]} outputs")
-
-    def sample_loss(self, sel: Dict[str, Tensor], fixed: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """Loss of one sample (``x`` without batch dim), batch-1 semantics."""
-        out = self.outputs(sel, fixed, x.unsqueeze(0))
-        return self.one_loss(out, y.unsqueeze(0), values=False)
-
-    def one_loss(self, out: Tensor, y: Tensor, values: bool = True) -> Tensor:
-        """``loss_fn`` of one sample's output ``(1, ...)`` and target ``(1,)``, as a scalar."""
-        self.check_outputs(out, y, values)
-        loss = self.loss_fn(out, y)
-        if loss.numel() != 1:
-            raise ValueError(f"loss_fn must return one value for a batch of one sample, got shape {tuple(loss.shape)}")
-        return loss.reshape(())
-
-    def batch_losses(self, out: Tensor, y: Tensor) -> Tensor:
-        """Per-sample losses ``(N,)`` of a batched output: row ``i`` is ``loss_fn(out[i:i+1], y[i:i+1])``."""
-        self.check_outputs(out, y)
-        if not self.custom_loss:
-            return F.cross_entropy(out, y, reduction="none")
-        return torch.stack([self.one_loss(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])])
 
 
 def _check_inputs(inputs: Any) -> Tensor:

@@ -146,7 +146,7 @@ class InputSpaceSaliency(GradientAttribution):
         if not x.is_floating_point():
             raise TypeError(f"inputs must be floating point to be differentiated, got {x.dtype}")
         target_profile = boosted_target(ps.standardize(ps.profiles(x, y), mode), k, float(boost), by)
-        engine = ps.resolve_engine()
+        engine = ps.resolve_strategy()
         if engine == "vmap":
             sel, fixed = ps._fn.tensors()
             loss = ps._fn.sample_loss

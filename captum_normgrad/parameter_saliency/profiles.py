@@ -24,6 +24,7 @@ hooks live for one call). Models with BatchNorm/Dropout in training mode are ref
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .._functional import backward_hook_owners
+from .._functional import FunctionalModel, backward_hook_owners, sample_param_grads
 from .._per_sample_grads import (
     NotCovered,
     coverage_problem,
@@ -42,7 +43,6 @@ from ._common import _check_choice
 from ._engine import (
     _check_inputs,
     _check_target,
-    _FunctionalModel,
     _unpack_batch,
     _unwrap,
 )
@@ -52,7 +52,7 @@ from .statistics import SIGMA_FLOOR, WelfordState, merge_welford
 __all__ = [
     "MODES",
     "AGGREGATIONS",
-    "ENGINES",
+    "STRATEGIES",
     "FilterRef",
     "WelfordState",
     "merge_welford",
@@ -64,7 +64,7 @@ MODES: Tuple[str, ...] = ("standardized", "naive", "norm")
 #: Aggregations: one value per filter (output channel) or one value per individual weight.
 AGGREGATIONS: Tuple[str, ...] = ("filter", "parameter")
 #: Per-sample gradient engines (see :class:`~captum_normgrad.parameter_saliency.ParameterSaliency`).
-ENGINES: Tuple[str, ...] = ("auto", "batched", "vmap", "loop")
+STRATEGIES: Tuple[str, ...] = ("auto", "batched", "vmap", "loop")
 
 _FORMAT = "captum_normgrad.parameter_saliency.statistics"
 _FORMAT_VERSION = 1
@@ -83,7 +83,7 @@ class ParameterSaliency:
     For each sample the **profile** is, per convolution filter (each output channel of every 4-D
     weight, in ``named_parameters()`` order), the mean absolute gradient of the sample's
     cross-entropy loss on its true label over the filter's weights. Per-sample gradients come from
-    one batched forward and backward pass (see ``engine``): one sample's profile never depends on
+    one batched forward and backward pass (see ``strategy``): one sample's profile never depends on
     the rest of the batch, and the caller's model is never modified.
 
     Profiles are compared with a reference set: :meth:`fit` (or :meth:`update_statistics`
@@ -123,14 +123,15 @@ class ParameterSaliency:
         loss_fn (Callable, optional): ``(logits (1, K), target (1,)) -> loss`` for one sample.
                     Default: None (cross-entropy on the true label)
         vectorize (bool, optional): Batch the per-sample gradients over the samples (True) or
-                    loop over the samples (False, the same as ``engine="loop"``).
+                    loop over the samples (False, the same as ``strategy="loop"``).
                     Default: True
         chunk_size (int, optional): At most this many samples' per-sample gradients (of one layer
                     with the ``"batched"`` engine, of the model with ``"vmap"``) are held at once
                     (lower memory). None lets the batched engine bound a chunk by 64 MiB and
                     ``vmap`` process the whole batch.
                     Default: None
-        engine (str, optional): How per-sample gradients are computed (all give the per-sample
+        strategy (str, optional): How per-sample gradients are computed (the same option as
+                    :class:`~captum_normgrad.LayerNormGradOrder1`'s ``strategy``) (all give the per-sample
                     loop's result):
 
                     - ``"batched"``: one batched forward and backward pass; each Conv1d/Conv2d/
@@ -167,7 +168,7 @@ class ParameterSaliency:
         loss_fn: Optional[LossFn] = None,
         vectorize: bool = True,
         chunk_size: Optional[int] = None,
-        engine: str = "auto",
+        strategy: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,10 +180,10 @@ class ParameterSaliency:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable: (logits (1, K), target (1,)) -> scalar loss")
-        _check_choice("engine", engine, ENGINES)
-        if not vectorize and engine not in ("auto", "loop"):
-            raise ValueError(f"vectorize=False means engine='loop'; it contradicts engine={engine!r}")
-        self.engine = "loop" if not vectorize else engine
+        _check_choice("strategy", strategy, STRATEGIES)
+        if not vectorize and strategy not in ("auto", "loop"):
+            raise ValueError(f"vectorize=False means strategy='loop'; it contradicts strategy={strategy!r}")
+        self.strategy = "loop" if not vectorize else strategy
         self.model = _unwrap(model)
         self.mode = mode
         self.aggregation = aggregation
@@ -192,7 +193,7 @@ class ParameterSaliency:
         self._entries = self._select(self.parameters)
         self._offsets = [e.offset for e in self._entries]
         self.num_features: int = self._entries[-1].offset + self._entries[-1].count
-        self._fn = _FunctionalModel(self.model, [e.name for e in self._entries], loss_fn)
+        self._fn = FunctionalModel(self.model, [e.name for e in self._entries], loss_fn)
         self._stats: Optional[WelfordState] = None
         #: naive profiles of the reference set, kept by ``fit(..., keep_profiles=True)`` (CPU), else None
         self.reference_profiles: Optional[Tensor] = None
@@ -338,24 +339,24 @@ class ParameterSaliency:
             return mag.sum(-1) / flat.shape[-1]
         return g.reshape(n, -1).abs()
 
-    def resolve_engine(self) -> str:
+    def resolve_strategy(self) -> str:
         """The engine :meth:`profiles` uses for the model as it is now (``"batched"``, ``"vmap"`` or ``"loop"``)."""
         names = [e.name for e in self._entries]
-        if self.engine == "batched":
+        if self.strategy == "batched":
             problem = coverage_problem(self.model, names)
             if problem is not None:
                 raise ValueError(
-                    f"engine='batched' cannot serve this model ({problem}); use engine='auto' (exact fallbacks)"
+                    f"strategy='batched' cannot serve this model ({problem}); use strategy='auto' (exact fallbacks)"
                 )
             return "batched"
         hooked = backward_hook_owners(self.model)
-        if self.engine == "vmap" and hooked:
+        if self.strategy == "vmap" and hooked:
             raise ValueError(
-                f"engine='vmap' cannot run the model's backward hooks (on {', '.join(hooked[:3])}): torch.func does "
-                "not support them. Use engine='auto' or 'loop', or remove the hooks"
+                f"strategy='vmap' cannot run the model's backward hooks (on {', '.join(hooked[:3])}): torch.func does "
+                "not support them. Use strategy='auto' or 'loop', or remove the hooks"
             )
-        if self.engine != "auto":
-            return self.engine
+        if self.strategy != "auto":
+            return self.strategy
         if coverage_problem(self.model, names) is None:
             return "batched"
         return "loop" if hooked else "vmap"
@@ -367,12 +368,12 @@ class ParameterSaliency:
         dtype = next(iter(sel.values())).dtype
         if x.shape[0] == 0:
             return torch.zeros(0, self.num_features, device=x.device, dtype=dtype)
-        engine = self.resolve_engine()
+        engine = self.resolve_strategy()
         if engine == "batched":
             try:
                 return self._batched(x, y, create_graph)
             except NotCovered:
-                if self.engine == "batched":
+                if self.strategy == "batched":
                     raise
                 engine = "loop" if backward_hook_owners(self.model) else "vmap"
         self._check_classes(sel, fixed, x, y)
@@ -416,11 +417,9 @@ class ParameterSaliency:
         """One batch-1 pass per sample with plain autograd (any module, the model's own hooks)."""
         rows = []
         for i in range(x.shape[0]):
-            with torch.enable_grad():
-                live = {k: v.detach().requires_grad_(True) for k, v in sel.items()}
-                loss = self._fn.sample_loss(live, fixed, x[i], y[i])
-                grads = torch.autograd.grad(loss, list(live.values()), create_graph=create_graph, allow_unused=True)
-            g = {k: (gi if gi is not None else torch.zeros_like(live[k])) for k, gi in zip(live, grads)}
+            g, _ = sample_param_grads(
+                functools.partial(self._fn.sample_loss, fixed=fixed, x=x[i], y=y[i]), sel, create_graph
+            )
             rows.append(torch.cat([self._entry_profile(e, g[e.name].unsqueeze(0)) for e in self._entries], dim=1))
         out = torch.cat(rows)
         return out if create_graph else out.detach()
