@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 FIRST = ("train_models", "bench_claims")  # the ground-truth benchmark, then the paper's claims
-LAST_WORDS = ("speed", "timing", "memory", "order0", "order1", "runner")  # performance fragments go last
+LAST_WORDS = ("speed", "timing", "memory", "order0", "order1", "runner", "peers")  # performance fragments go last
 IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
 
 CLAIMS = {
