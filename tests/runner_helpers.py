@@ -14,6 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+#: The torchrun launcher of this interpreter (its console script, else the module).
+TORCHRUN = (
+    [str(Path(sys.executable).parent / "torchrun")]
+    if (Path(sys.executable).parent / "torchrun").is_file()
+    else [sys.executable, "-m", "torch.distributed.run"]
+)
+
 
 class TinyDataset(torch.utils.data.Dataset):
     """``n`` random 3x12x12 images with labels in ``range(classes)``, deterministic from ``seed``."""

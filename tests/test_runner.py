@@ -45,11 +45,7 @@ sys.path.insert(0, str(HERE))
 import runner_helpers  # noqa: E402
 
 PY = sys.executable
-TORCHRUN = (
-    [str(Path(PY).parent / "torchrun")]
-    if (Path(PY).parent / "torchrun").is_file()
-    else [PY, "-m", "torch.distributed.run"]
-)
+TORCHRUN = runner_helpers.TORCHRUN
 
 
 def _config(tmp: Path, name: str = "cfg", **over: Any) -> Path:
