@@ -64,7 +64,7 @@ def hessian_term_errors(model: nn.Module, layer: nn.Module, x: Tensor, y: Tensor
     psm = PerSampleModel(model, [layer], ["output"], per_sample_cross_entropy, (), per_example_flags((), x.shape[0]))
     out: Dict[str, List[float]] = {f"s={s:g}": [] for s in STEPS}
     with psm.hooked():
-        psm.probe((x,), y, ())
+        psm.probe((x,), ())
         theta = psm.trainable
         g1, _, _ = psm.per_sample_param_grads(theta, (x,), y, ())
         theta_p = {k: theta[k].unsqueeze(0) - eps * g1[k] for k in theta}
@@ -75,7 +75,7 @@ def hessian_term_errors(model: nn.Module, layer: nn.Module, x: Tensor, y: Tensor
         vnorm = torch.sqrt(sum(t.reshape(x.shape[0], -1).square().sum(1) for t in v.values()))  # type: ignore[arg-type]
         for s in STEPS:
             h = s / vnorm.clamp_min(1e-30)
-            shape = lambda t: h.reshape(-1, *([1] * (t.dim() - 1)))  # noqa: E731
+            shape = lambda t, h=h: h.reshape(-1, *([1] * (t.dim() - 1)))  # noqa: E731
             plus = {k: theta[k].unsqueeze(0) + shape(v[k]) * v[k] for k in theta}
             minus = {k: theta[k].unsqueeze(0) - shape(v[k]) * v[k] for k in theta}
             gp = psm.grads_at(plus, deltas, (x,), y, (), with_params=False)[1][0]

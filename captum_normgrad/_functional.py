@@ -371,14 +371,15 @@ class PerSampleModel:
         acts = tuple(a for per_layer in self._acts for a in per_layer)
         return losses.sum(), acts, out
 
-    def probe(self, x: Tuple[Tensor, ...], target: Tensor, extra: Tuple[Any, ...]) -> None:
-        """Count each layer's calls and record the chosen call's tensor shapes with one example."""
+    def probe(self, x: Tuple[Tensor, ...], extra: Tuple[Any, ...]) -> Tensor:
+        """Count each layer's calls and record the chosen call's tensor shapes with one example;
+        returns that example's output (its shape is the batch's output shape, batch dim 1)."""
         self._probing = True
         self._probe_shapes = [[] for _ in self.layers]
         self._calls = [0] * len(self.layers)
         try:
             with torch.no_grad():
-                self.forward(
+                out = self.forward(
                     self.trainable,
                     tuple(t[0] for t in x),
                     tuple(e[0] if b else e for e, b in zip(extra, self.batched_extra)),
@@ -388,6 +389,7 @@ class PerSampleModel:
         for i, layer in enumerate(self.layers):
             self.chosen[i] = resolve_call(self.model, layer, len(self._probe_shapes[i]), self.layer_calls[i])
             self.slots[i] = list(self._probe_shapes[i][self.chosen[i]])
+        return out
 
     def n_slots(self) -> int:
         return sum(len(s) for s in self.slots)

@@ -378,10 +378,10 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                 )
 
         with psm.hooked():
-            out_shape = self._output_shape(psm, inputs_t, extra, n)
+            # one forward pass of one example: layer call counts and shapes, and the output shape
+            out_shape = self._output_shape(psm.probe(inputs_t, extra), n)
             targets = _target_rows(target, out_shape, device)
             self._warn_constant_objective(out_shape)
-            psm.probe(inputs_t, targets, extra)
             chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
             per_slot: List[List[Tensor]] = [[] for _ in range(psm.n_slots())]
             self._outs: List[Tensor] = []
@@ -470,21 +470,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
 
         return wrapped
 
-    def _output_shape(
-        self, psm: PerSampleModel, inputs_t: Tuple[Tensor, ...], extra: Tuple[Any, ...], n: int
-    ) -> Tuple[int, ...]:
-        """The batch's output shape, from one example's forward pass (also validates the target
-        forms before any expensive pass)."""
-        psm._probing = True
-        try:
-            with torch.no_grad():
-                out = psm.forward(
-                    psm.trainable,
-                    tuple(t[0] for t in inputs_t),
-                    tuple(e[0] if b else e for e, b in zip(extra, psm.batched_extra)),
-                )
-        finally:
-            psm._probing = False
+    def _output_shape(self, out: Tensor, n: int) -> Tuple[int, ...]:
+        """The batch's output shape from one example's output (validated before any expensive pass)."""
         shape = (n, *out.shape[1:])
         if self.loss_fn is None and len(shape) != 2:
             raise ValueError(
