@@ -11,8 +11,14 @@ recorded as a **copy** (in-place operations after the layer, like ``ReLU(inplace
 tensor the model goes on using, never the recorded one). The hooks live only for the duration of
 one call and are removed in every case.
 
-Two strategies give the same maps:
+Three strategies give the same maps:
 
+* ``"batched"``: whole-batch passes in which every sample runs with its own parameters
+  ``theta + c_i D_i``, where ``D_i`` is a per-sample gradient from activation x backprop
+  (:func:`~captum_normgrad._per_sample_grads.batched_pass`): per-sample weights as grouped
+  convolutions in early layers and as low-rank corrections ``G_i (A_i^T x)`` where a layer has
+  few locations. It serves models made of Conv/Linear/BatchNorm parameters used once per pass
+  (:func:`~captum_normgrad._per_sample_grads.coverage_problem`), batch-first layers;
 * ``"loop"``: a Python loop of ordinary batch-1 passes with plain :mod:`torch.autograd` (fast on
   CPUs, and compatible with the caller's own module hooks, e.g. ``register_full_backward_hook``);
 * ``"vmap"``: :func:`torch.func.vmap` over the samples (per-sample weights become grouped
@@ -27,7 +33,7 @@ from __future__ import annotations
 import functools
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ._capture import resolve_call
-from ._per_sample_grads import training_mode_offenders
+from ._per_sample_grads import NotCovered, SampleGrads, batched_pass, coverage_problem, training_mode_offenders
 
 __all__ = [
     "FunctionalModel",
@@ -45,11 +51,44 @@ __all__ = [
     "backward_hook_owners",
     "sample_param_grads",
     "per_example_cross_entropy",
+    "axpy",
+    "Shifted",
+    "NotCovered",
 ]
 
 Params = Dict[str, Tensor]
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "batched", "vmap", "loop")
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def axpy(theta: Params, direction: Params, alpha: Union[float, Tensor]) -> Params:
+    """Per-sample parameter sets ``theta + alpha_i * direction_i`` (leading sample dim).
+
+    ``alpha`` is a number or one value per sample; a single sample uses one fused ``torch.add``.
+    """
+    if isinstance(alpha, Tensor):
+        if alpha.numel() == 1:
+            alpha = float(alpha.item())
+        else:
+            return {
+                k: theta[k].unsqueeze(0) + alpha.reshape(-1, *([1] * theta[k].dim())).to(d.dtype) * d
+                for k, d in direction.items()
+            }
+    return {k: torch.add(theta[k].unsqueeze(0), d, alpha=alpha) for k, d in direction.items()}
+
+
+def _device_of(theta: Params) -> torch.device:
+    for t in theta.values():
+        return t.device
+    return torch.device("cpu")
+
+
+class Shifted(NamedTuple):
+    """Per-sample parameters ``theta + coef_i * direction_i`` for the batched strategy (never expanded)."""
+
+    theta: Params
+    direction: SampleGrads
+    coef: Tensor
 
 
 def per_example_flags(extra: Sequence[Any], n: int, override: Optional[Sequence[bool]] = None) -> Tuple[bool, ...]:
@@ -225,9 +264,11 @@ class PerSampleModel:
         loss_fn (Callable): ``(outputs, targets) -> (B,)`` per-sample losses.
         extra_args (tuple): additional forward arguments.
         batched_extra (tuple of bool): which of them are per-example (:func:`per_example_flags`).
-        strategy (str): ``"loop"`` or ``"vmap"``.
+        strategy (str): ``"batched"``, ``"loop"`` or ``"vmap"``.
         layer_calls (sequence of int or None): per layer, which call to attribute (None: the
                     layer must be called once).
+        batch_loss (bool): ``loss_fn`` may be called on the whole batch (the default
+                    cross-entropy); otherwise the batched strategy calls it row by row.
     """
 
     def __init__(
@@ -240,8 +281,10 @@ class PerSampleModel:
         batched_extra: Tuple[bool, ...],
         strategy: str = "loop",
         layer_calls: Optional[Sequence[Optional[int]]] = None,
+        batch_loss: bool = False,
     ) -> None:
         self.model = model
+        self.batch_loss = batch_loss
         self.layers = list(layers)
         self.where = list(where)
         self.loss_fn = loss_fn
@@ -290,6 +333,11 @@ class PerSampleModel:
         for t in tensors:
             if isinstance(t, Tensor) and t.is_floating_point():
                 if self._deltas is not None:
+                    if self.strategy == "batched" and t.shape != self._deltas[j].shape:
+                        raise NotCovered(
+                            f"the layer's tensor has shape {tuple(t.shape)} on the batch, not (N, *one example's "
+                            "shape): the batch is not its first dim"
+                        )
                     t = t + self._deltas[j]
                 j += 1
             new.append(t)
@@ -395,7 +443,81 @@ class PerSampleModel:
         return sum(len(s) for s in self.slots)
 
     def zero_deltas(self, n: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
+        """Zero perturbations of the layers' tensors, ``(n, 1, *shape)`` per example (``(n, *shape)``
+        for the batched strategy, whose layer tensors are the whole batch's)."""
+        if self.strategy == "batched":
+            return tuple(torch.zeros((n, *s[1:]), dtype=dtype, device=device) for per in self.slots for s in per)
         return tuple(torch.zeros((n, *s), dtype=dtype, device=device) for per in self.slots for s in per)
+
+    def batched_problem(self) -> Optional[str]:
+        """Why the batched strategy cannot serve this model and these layers (None: it can)."""
+        problem = coverage_problem(self.model, list(self.trainable))
+        if problem is not None:
+            return problem
+        for layer, per in zip(self.layers, self.slots):
+            if any(len(s) == 0 or s[0] != 1 for s in per):
+                return f"the tensors of {type(layer).__name__} are not batch-first"
+        return None
+
+    def shift(self, theta: Params, direction: Any, coef: Union[float, Tensor]) -> Any:
+        """Per-sample parameters ``theta + coef_i * direction_i``: a parameter dictionary with a leading
+        sample dim, or (batched strategy) a :class:`Shifted` that is never expanded."""
+        if isinstance(direction, SampleGrads):
+            dtype = next(iter(theta.values())).dtype if theta else torch.float32
+            # built in the parameters' dtype (a float32 copy of epsilon would be off by 1e-8)
+            c = coef if isinstance(coef, Tensor) else torch.full((direction.n,), float(coef), dtype=dtype)
+            return Shifted(theta, direction, c.to(dtype=dtype, device=_device_of(theta)))
+        return axpy(theta, direction, coef)
+
+    @staticmethod
+    def sq_norms(direction: Any) -> Tensor:
+        """``||direction_i||^2`` per sample."""
+        if isinstance(direction, SampleGrads):
+            return direction.sq_norms()
+        m = next(iter(direction.values())).shape[0]
+        return sum(t.reshape(m, -1).square().sum(1) for t in direction.values())  # type: ignore[return-value]
+
+    def _batched(
+        self,
+        params: Any,
+        deltas: Tuple[Tensor, ...],
+        x: Tuple[Tensor, ...],
+        target: Tensor,
+        extra: Tuple[Any, ...],
+        collect: bool,
+    ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...], Tuple[Tensor, ...], Optional[SampleGrads]]:
+        """One batched pass (:func:`batched_pass`): output, losses, activation grads, activations,
+        per-sample parameter grads (``collect``). ``params`` is ``theta`` or a :class:`Shifted`."""
+        theta, offsets = (params.theta, (params.direction, params.coef)) if isinstance(params, Shifted) else (params, None)
+        leaves = [t.detach().requires_grad_() for t in x if t.is_floating_point()] if collect else []
+        live = iter(leaves)
+        args = tuple(next(live).clone() if t.is_floating_point() and collect else t for t in x) + tuple(extra)
+        d = tuple(t.detach().requires_grad_() for t in deltas)
+
+        def forward() -> Tensor:
+            self._deltas = d if d else None
+            self._calls = [0] * len(self.layers)
+            out = functional_call(self.model, (theta, self.constants), args, strict=False)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+            return out
+
+        def losses_of(out: Tensor) -> Tensor:
+            if self.batch_loss:
+                return self.loss_fn(out, target)
+            return torch.cat([self.loss_fn(out[i : i + 1], target[i : i + 1]) for i in range(out.shape[0])])
+
+        try:
+            out, losses, dg, grads = batched_pass(
+                self.model, theta, list(theta), forward, losses_of, wrt=d, leaves=leaves, offsets=offsets, collect=collect
+            )
+        finally:
+            self._deltas = None
+        for i, c in enumerate(self._calls):
+            if c <= self.chosen[i]:
+                resolve_call(self.model, self.layers[i], c, self.layer_calls[i])
+        acts = tuple(a for per_layer in self._acts for a in per_layer)
+        return out, losses, tuple(g.unsqueeze(1) for g in dg), tuple(a.unsqueeze(1) for a in acts), grads
 
     def _extra_dims(self) -> Tuple[Optional[int], ...]:
         return tuple(0 if b else None for b in self.batched_extra)
@@ -410,7 +532,12 @@ class PerSampleModel:
         self, params: Params, x: Tuple[Tensor, ...], target: Tensor, extra: Tuple[Any, ...]
     ) -> Tuple[Params, Tensor, Tensor]:
         """``grad_theta loss(theta, x_i)`` for every example, with shared ``theta``: (N, *p) each;
-        also the losses ``(N,)`` and the outputs ``(N, *out)``."""
+        also the losses ``(N,)`` and the outputs ``(N, *out)``. The batched strategy gives a
+        :class:`SampleGrads`."""
+        if self.strategy == "batched":
+            out, losses, _, _, g = self._batched(params, (), x, target, extra, collect=True)
+            assert g is not None
+            return g, losses, out  # type: ignore[return-value]
         if self.strategy == "vmap":
 
             def f(
@@ -455,7 +582,11 @@ class PerSampleModel:
         extra: Tuple[Any, ...],
         with_params: bool,
     ) -> Tuple[Optional[Params], Tuple[Tensor, ...], Tuple[Tensor, ...], Tensor]:
-        """Per-example parameters (leading N): (param grads), activation grads, activations, losses."""
+        """Per-example parameters (leading N, or a :class:`Shifted`): (param grads), activation grads,
+        activations, losses."""
+        if self.strategy == "batched":
+            _, losses, dg, acts, g = self._batched(params, deltas, x, target, extra, collect=with_params)
+            return g, dg, acts, losses  # type: ignore[return-value]
         if self.strategy == "vmap":
 
             def f(

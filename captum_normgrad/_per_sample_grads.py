@@ -35,6 +35,7 @@ products), so a function of them can be differentiated again, e.g. with respect 
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -49,6 +50,8 @@ __all__ = [
     "coverage_problem",
     "training_mode_offenders",
     "per_sample_grads",
+    "SampleGrads",
+    "batched_pass",
 ]
 
 #: Module types (exact types, not subclasses) whose ``weight``/``bias`` are served.
@@ -239,30 +242,336 @@ def _small_grads(mod: Any, attr: str, a: Tensor, g: Tensor) -> Tensor:
     return g3.sum(-1)  # a conv bias, a BatchNorm bias
 
 
+# --------------------------------------------------------------------------- per-sample parameters
+
+
+class SampleGrads:
+    r"""Per-sample gradients of a set of parameters from one batched pass (activation x backprop).
+
+    The weight of a Conv/Linear layer with few output locations is kept **factored**:
+    ``grad_i = G_i A_i^T`` with ``G_i`` ``(rows, L)`` the output gradient and ``A_i`` ``(cols, L)``
+    the (unfolded) input over the layer's ``L`` locations. That is far smaller than the dense
+    gradient where ``L`` is small (resnet18's ``layer4`` at 112 px: 16 locations, 41x smaller), and
+    it applies to a new input ``x`` as ``G_i (A_i^T x)``, a low-rank product. Every other gradient is
+    dense, ``(n, *shape)``. A parameter whose module was not reached has no entry: its gradient is zero.
+
+    Args:
+        n (int): the number of samples.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.dense: Dict[str, Tensor] = {}
+        self.factors: Dict[str, Tuple[Tensor, Tensor]] = {}
+
+    def names(self) -> List[str]:
+        return list(self.dense) + list(self.factors)
+
+    def sq_norms(self) -> Tensor:
+        """``||grad_i||^2`` summed over all parameters, ``(n,)``; a factored weight uses
+        ``||G A^T||_F^2 = sum((G^T G) * (A^T A))`` and is never expanded."""
+        parts = [d.reshape(self.n, -1).square().sum(1) for d in self.dense.values()]
+        parts += [
+            (torch.bmm(g.transpose(1, 2), g) * torch.bmm(a.transpose(1, 2), a)).sum((1, 2))
+            for g, a in self.factors.values()
+        ]
+        if not parts:
+            return torch.zeros(self.n)
+        return torch.stack(parts).sum(0)
+
+    def expanded(self, name: str, shape: Sequence[int]) -> Tensor:
+        """The dense per-sample gradient ``(n, *shape)`` of one parameter (zeros if absent)."""
+        if name in self.dense:
+            return self.dense[name]
+        if name in self.factors:
+            g, a = self.factors[name]
+            return torch.bmm(g, a.transpose(1, 2)).reshape(self.n, *shape)
+        return torch.zeros((self.n, *shape))
+
+    def nbytes(self) -> int:
+        tensors = list(self.dense.values()) + [t for ga in self.factors.values() for t in ga]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _factor_pays(mod: Any, rows: int, cols: int, locations: int) -> bool:
+    """Keep a weight gradient factored where that takes at most a quarter of its dense size."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (mod.groups != 1 or isinstance(mod.padding, str)):
+        return False
+    return locations * (rows + cols) * 4 <= rows * cols
+
+
+def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: str) -> None:
+    """Store one parameter's per-sample gradients (factored where it pays, else dense)."""
+    n = a.shape[0]
+    if attr != "weight" or isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        out.dense[name] = _small_grads(mod, attr, a, g)
+        return
+    w = mod.weight
+    rows, cols = w.shape[0], w[0].numel()
+    if isinstance(mod, nn.Linear):
+        gf, af = g.reshape(n, -1, rows).transpose(1, 2), a.reshape(n, -1, cols).transpose(1, 2)
+    else:
+        gf = g.reshape(n, rows, -1)
+        af = None
+    if _factor_pays(mod, rows, cols, gf.shape[-1]):
+        af = _conv_unfold(mod, a) if af is None else af
+        if af.shape[-1] != gf.shape[-1]:
+            raise NotCovered(f"{type(mod).__name__}: {gf.shape[-1]} output locations but {af.shape[-1]} input patches")
+        out.factors[name] = (gf, af)
+        return
+    dense = torch.empty((n, *w.shape), dtype=g.dtype, device=g.device)
+    for sl, rws, blk in _weight_blocks(mod, a, g, None, _BLOCK_NUMEL, _DEFAULT_CHUNK_BYTES):
+        dense[sl, rws] = blk
+    out.dense[name] = dense
+
+
+#: conv layers with at least this many input channels per group and output locations run
+#: per-sample weights as one grouped convolution (else a loop of batch-1 convolutions): measured on
+#: resnet18's layers, CPU (``benchmarks/bench_order1.py`` notes)
+_GROUPED_MIN_CHANNELS = 16
+_GROUPED_MIN_LOCATIONS = 64
+
+
+def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], i: int, key: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(key, default)
+
+
+class _Offsets:
+    r"""Per-sample parameters ``theta_i = theta + c_i D_i`` applied inside the served modules' own
+    operations (conv, linear, batch norm): the whole batch runs in one pass, each sample with its
+    parameters. A dense offset of a conv runs as one grouped convolution (or batch-1 convolutions);
+    a factored one as the shared operation plus the low-rank correction ``c_i G_i (A_i^T x_i)``."""
+
+    def __init__(self, direction: SampleGrads, coef: Tensor, name_of: Dict[int, str]) -> None:
+        self.d = direction
+        self.coef = coef
+        self.name_of = name_of  # id(parameter tensor) -> name
+
+    def _shift(self, name: Optional[str], p: Optional[Tensor]) -> Optional[Tensor]:
+        """``p + c_i D_i`` per sample ``(n, *p.shape)``, or None where the offset is zero."""
+        if p is None or name is None or name not in self.d.dense:
+            return None
+        dd = self.d.dense[name]
+        return p.unsqueeze(0) + self.coef.reshape(-1, *([1] * p.dim())).to(dd.dtype) * dd
+
+    def _bias(self, out: Tensor, bias: Optional[Tensor], channel_last: bool) -> Tensor:
+        name = self.name_of.get(id(bias)) if bias is not None else None
+        shifted = self._shift(name, bias)
+        if shifted is None:
+            return out if bias is None else out + (bias if channel_last else bias.reshape(-1, *[1] * (out.dim() - 2)))
+        if channel_last:
+            return out + shifted.reshape(out.shape[0], *([1] * (out.dim() - 2)), -1)
+        return out + shifted.reshape(*shifted.shape, *([1] * (out.dim() - 2)))
+
+    def conv(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tensor:
+        x, w, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
+        stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
+        dilation, groups = _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1)
+        name = self.name_of.get(id(w))
+        n = x.shape[0]
+        if name in self.d.factors:
+            out = func(x, w, None, stride, padding, dilation, groups)
+            g, a = self.d.factors[name]
+            one_d = func is torch.conv1d
+            xx = x.unsqueeze(-2) if one_d else x
+            kernel = (1, w.shape[-1]) if one_d else tuple(w.shape[-2:])
+
+            def pair(v: Any) -> Any:
+                v = (v,) if isinstance(v, int) else tuple(v)
+                return (1, v[-1]) if one_d else (v if len(v) == 2 else v * 2)
+
+            cols = F.unfold(xx, kernel, dilation=pair(dilation), padding=(0, pair(padding)[1]) if one_d else pair(padding), stride=pair(stride))
+            corr = torch.bmm(g, torch.bmm(a.transpose(1, 2), cols))  # (n, rows, L')
+            out = out + (self.coef.reshape(-1, 1, 1).to(corr.dtype) * corr).reshape(out.shape)
+        else:
+            ws = self._shift(name, w)
+            if ws is None:
+                out = func(x, w, None, stride, padding, dilation, groups)
+            elif x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
+                stride if isinstance(stride, int) else math.prod(stride)
+            ):
+                # one grouped convolution: the samples become groups
+                flat = x.reshape(1, n * x.shape[1], *x.shape[2:])
+                out = func(flat, ws.reshape(-1, *w.shape[1:]), None, stride, padding, dilation, groups * n)
+                out = out.reshape(n, w.shape[0], *out.shape[2:])
+            else:
+                out = torch.cat([func(x[i : i + 1], ws[i], None, stride, padding, dilation, groups) for i in range(n)])
+        return self._bias(out, bias, channel_last=False)
+
+    def linear(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tensor:
+        x, w, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
+        name = self.name_of.get(id(w))
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1])
+        if name in self.d.factors:
+            out = func(x, w, None)
+            g, a = self.d.factors[name]
+            corr = torch.bmm(torch.bmm(x3, a), g.transpose(1, 2))  # (n, T', out)
+            out = out + (self.coef.reshape(-1, 1, 1).to(corr.dtype) * corr).reshape(out.shape)
+        else:
+            ws = self._shift(name, w)
+            if ws is None:
+                out = func(x, w, None)
+            else:
+                out = torch.bmm(x3, ws.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[0])
+        return self._bias(out, bias, channel_last=True)
+
+    def batch_norm(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tensor:
+        x, mean, var = args[0], _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+        w, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+        eps = _arg(args, kwargs, 7, "eps", 1e-5)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+        ws = self._shift(self.name_of.get(id(w)), w) if w is not None else None
+        if ws is not None:
+            out = xhat * ws.reshape(*ws.shape, *([1] * (x.dim() - 2)))
+        else:
+            out = xhat if w is None else xhat * w.reshape(shape)
+        return self._bias(out, bias, channel_last=False)
+
+    def __call__(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if func in (torch.conv1d, torch.conv2d):
+            return self.conv(func, args, kwargs)
+        if func is F.linear:
+            return self.linear(func, args, kwargs)
+        if func is F.batch_norm:
+            if _arg(args, kwargs, 5, "training", False):
+                raise NotCovered("a served BatchNorm uses batch statistics")
+            return self.batch_norm(func, args, kwargs)
+        raise NotCovered(f"a served parameter is used by {getattr(func, '__name__', func)}, which has no per-sample form")
+
+
 # --------------------------------------------------------------------------- use watcher
 
 
 class _UseWatcher(TorchFunctionMode):
-    """Records uses of the served parameters outside their own module's forward (or repeated calls)."""
+    """Records uses of the served parameters outside their own module's forward (or repeated calls);
+    with ``offsets``, runs the served modules' operations with per-sample parameters."""
 
-    def __init__(self, owner_of: Dict[int, int]) -> None:
+    def __init__(self, owner_of: Dict[int, int], offsets: Optional[_Offsets] = None) -> None:
         super().__init__()
         self.owner_of = owner_of  # id(param) -> id(module)
+        self.offsets = offsets
         self.stack: List[int] = []
         self.problem: Optional[str] = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.problem is None:
-            for v in list(args) + list(kwargs.values()):
-                for t in v if isinstance(v, (list, tuple)) else (v,):
-                    if isinstance(t, Tensor) and id(t) in self.owner_of:
-                        if not self.stack or self.stack[-1] != self.owner_of[id(t)]:
-                            self.problem = f"a profiled parameter is used outside its module's forward ({func})"
+        served = False
+        for v in list(args) + list(kwargs.values()):
+            for t in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(t, Tensor) and id(t) in self.owner_of:
+                    served = True
+                    if self.problem is None and (not self.stack or self.stack[-1] != self.owner_of[id(t)]):
+                        self.problem = f"a profiled parameter is used outside its module's forward ({func})"
+        if served and self.offsets is not None and self.problem is None:
+            return self.offsets(func, args, kwargs)
         return func(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- the engine
+
+
+class _PassHooks:
+    """The hooks of one batched pass on the served modules (a context manager, always removed).
+
+    Pre-hooks and the :class:`_UseWatcher` check that each served parameter is used once, by its
+    own module; the forward hook hands each module's input and output gradient to ``on_grad``
+    inside the backward pass (a tensor hook on the output); with ``offsets`` the modules run with
+    per-sample parameters. ``targets()`` are the tensors whose gradients make every hook fire.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        on_grad: Optional[Callable[[nn.Module, List[Tuple[str, str]], Tensor, Tensor], None]],
+        create_graph: bool = False,
+        tensors: Optional[Dict[str, Tensor]] = None,
+        offsets: Optional[Tuple[SampleGrads, Tensor]] = None,
+    ) -> None:
+        owners = _owners(model, names)
+        self.by_module: Dict[int, Tuple[nn.Module, List[Tuple[str, str]]]] = {}
+        for name, (_, mod, attr) in owners.items():
+            self.by_module.setdefault(id(mod), (mod, []))[1].append((name, attr))
+        # the tensors the modules hold during the pass: theirs, or those given to functional_call
+        held = {name: (tensors[name] if tensors is not None else getattr(mod, attr)) for name, (_, mod, attr) in owners.items()}
+        owner_of = {id(held[name]): id(mod) for name, (_, mod, attr) in owners.items()}
+        off = None
+        if offsets is not None:
+            off = _Offsets(offsets[0], offsets[1], {id(t): name for name, t in held.items()})
+        self.watcher = _UseWatcher(owner_of, off)
+        self.on_grad = on_grad
+        self.create_graph = create_graph
+        self.calls: Dict[int, int] = {}
+        self.fired: set = set()
+        self.recorded: List[Tuple[Tensor, int]] = []
+        self._stack = ExitStack()
+
+    def _pre_hook(self, mod: nn.Module, args: Tuple[Any, ...]) -> None:
+        self.watcher.stack.append(id(mod))
+        self.calls[id(mod)] = self.calls.get(id(mod), 0) + 1
+        if self.calls[id(mod)] > 1 and self.watcher.problem is None:
+            self.watcher.problem = f"module {type(mod).__name__} is called more than once per pass"
+
+    def _fwd_hook(self, mod: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        self.watcher.stack.pop()
+        on_grad = self.on_grad
+        if on_grad is None:
+            return
+        a = args[0] if args else None
+        if not isinstance(a, Tensor) or not isinstance(out, Tensor):
+            if self.watcher.problem is None:
+                self.watcher.problem = f"module {type(mod).__name__} did not take and return one tensor"
+            return
+        if not out.requires_grad:
+            if self.watcher.problem is None:
+                self.watcher.problem = f"the output of {type(mod).__name__} does not depend on the inputs"
+            return
+        served = self.by_module[id(mod)][1]
+        a_saved = a if self.create_graph else a.detach()
+
+        def grad_hook(g: Tensor) -> None:
+            self.fired.add(id(mod))
+            on_grad(mod, served, a_saved, g if self.create_graph else g.detach())
+
+        # A tensor hook registered now receives the gradient of this value even if a later
+        # in-place operation (ReLU(inplace=True)) overwrites the tensor.
+        out.register_hook(grad_hook)
+        self.recorded.append((out, out._version))
+
+    def __enter__(self) -> "_PassHooks":
+        for mod, _ in self.by_module.values():
+            self._stack.callback(mod.register_forward_pre_hook(self._pre_hook).remove)
+            # first among the forward hooks: a caller's hook (order 1's layer tap) sees the module's output
+            self._stack.callback(mod.register_forward_hook(self._fwd_hook, prepend=True).remove)
+        self._stack.enter_context(self.watcher)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def check(self) -> None:
+        """After the forward pass: raise :class:`NotCovered` if a parameter was used unexpectedly."""
+        if self.watcher.problem is not None:
+            raise NotCovered(self.watcher.problem)
+
+    def targets(self, leaves: Sequence[Tensor]) -> List[Tensor]:
+        """What to differentiate for every hook to fire: the hooked outputs themselves (the pass
+        stops there), or, if one was modified in place since (ReLU(inplace=True) after a BatchNorm),
+        the ``leaves`` (the pass goes down to the input)."""
+        if not self.recorded:
+            return []
+        unchanged = all(o._version == v for o, v in self.recorded)
+        if unchanged and not self.create_graph:
+            return [o for o, _ in self.recorded]
+        if not leaves:
+            raise NotCovered("a hooked output is modified in place and no input carries the backward pass")
+        return list(leaves)
+
+    def unreached(self) -> List[Tuple[nn.Module, List[Tuple[str, str]]]]:
+        """Served modules never called, or whose output does not reach the loss (zero gradients)."""
+        return [(mod, served) for mod, served in self.by_module.values() if id(mod) not in self.fired]
 
 
 def per_sample_grads(
@@ -308,89 +617,100 @@ def per_sample_grads(
         NotCovered: a served parameter was used outside its module's forward, or a module was
                     called more than once. Nothing was consumed for a complete result then.
     """
-    owners = _owners(model, names)
-    by_module: Dict[int, Tuple[nn.Module, List[Tuple[str, str]]]] = {}
-    for name, (_, mod, attr) in owners.items():
-        by_module.setdefault(id(mod), (mod, []))[1].append((name, attr))
-    owner_of = {id(getattr(mod, attr)): id(mod) for (_, mod, attr) in owners.values()}
-    watcher = _UseWatcher(owner_of)
-    calls: Dict[int, int] = {}
-    served_calls: List[int] = []
-    fired: set = set()
 
-    def pre_hook(mod: nn.Module, args: Tuple[Any, ...]) -> None:
-        watcher.stack.append(id(mod))
-        calls[id(mod)] = calls.get(id(mod), 0) + 1
-        if calls[id(mod)] > 1 and watcher.problem is None:
-            watcher.problem = f"module {type(mod).__name__} is called more than once per pass"
+    def on_grad(mod: nn.Module, served: List[Tuple[str, str]], a: Tensor, g: Tensor) -> None:
+        n = g.shape[0]
+        for name, attr in served:
+            if attr == "weight" and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                for sl, rows, grads in _weight_blocks(mod, a, g, chunk_size, block_numel, chunk_bytes):
+                    consume(name, grads, sl, rows)
+            else:
+                rows = slice(0, getattr(mod, attr).shape[0])
+                for start in range(0, n, chunk_size or n):
+                    sl = slice(start, min(start + (chunk_size or n), n))
+                    consume(name, _small_grads(mod, attr, a[sl], g[sl]), sl, rows)
 
-    recorded: List[Tuple[Tensor, int]] = []
-
-    def fwd_hook(mod: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
-        watcher.stack.pop()
-        a = args[0] if args else None
-        if not isinstance(a, Tensor) or not isinstance(out, Tensor):
-            if watcher.problem is None:
-                watcher.problem = f"module {type(mod).__name__} did not take and return one tensor"
-            return
-        served = by_module[id(mod)][1]
-        a_saved = a if create_graph else a.detach()
-        if not out.requires_grad:
-            if watcher.problem is None:
-                watcher.problem = f"the output of {type(mod).__name__} does not depend on the inputs"
-            return
-
-        def grad_hook(g: Tensor) -> None:
-            fired.add(id(mod))
-            gg = g if create_graph else g.detach()
-            n = gg.shape[0]
-            for name, attr in served:
-                if attr == "weight" and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    for sl, rows, grads in _weight_blocks(mod, a_saved, gg, chunk_size, block_numel, chunk_bytes):
-                        consume(name, grads, sl, rows)
-                else:
-                    rows = slice(0, getattr(mod, attr).shape[0])
-                    for start in range(0, n, chunk_size or n):
-                        sl = slice(start, min(start + (chunk_size or n), n))
-                        consume(name, _small_grads(mod, attr, a_saved[sl], gg[sl]), sl, rows)
-
-        # A tensor hook registered now receives the gradient of this value even if a later
-        # in-place operation (ReLU(inplace=True)) overwrites the tensor.
-        out.register_hook(grad_hook)
-        served_calls.append(id(mod))
-        recorded.append((out, out._version))
-
-    with ExitStack() as stack:
-        for mod, _ in by_module.values():
-            stack.callback(mod.register_forward_pre_hook(pre_hook).remove)
-            stack.callback(mod.register_forward_hook(fwd_hook).remove)
-        if not inputs.is_floating_point():
-            raise NotCovered(f"inputs of dtype {inputs.dtype} cannot carry the backward pass")
+    if not inputs.is_floating_point():
+        raise NotCovered(f"inputs of dtype {inputs.dtype} cannot carry the backward pass")
+    with _PassHooks(model, names, on_grad, create_graph) as hooks:
         leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
         with torch.enable_grad():
             x = leaf.clone()  # not a leaf: a model may modify its input in place
-            with watcher:
-                out = model(x)
-            if watcher.problem is not None:
-                raise NotCovered(watcher.problem)
+            out = model(x)
+            hooks.check()
             losses = per_sample_losses(out)
             if losses.shape != (x.shape[0],):
                 raise ValueError(f"per-sample losses must have shape ({x.shape[0]},), got {tuple(losses.shape)}")
-            if served_calls:
-                # Every hooked output must receive its gradient. Asking for the gradients of the hooked
-                # outputs themselves stops the pass there (no input gradient of the first layer); an
-                # output modified in place since (ReLU(inplace=True) after a BatchNorm) would be asked
-                # for its new value, so then the pass goes down to the input.
-                unchanged = all(o._version == v for o, v in recorded)
-                targets = [o for o, _ in recorded] if unchanged and not create_graph else [leaf]
+            targets = hooks.targets([leaf])
+            if targets:
                 torch.autograd.grad(losses.sum(), targets, create_graph=create_graph, allow_unused=True)
                 del targets
         # a module never called, or whose output does not reach the loss, has zero gradients
         n = x.shape[0]
-        for mod, served in by_module.values():
-            if id(mod) not in fired:
-                for name, attr in served:
-                    p = getattr(mod, attr)
-                    zeros = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
-                    consume(name, zeros, slice(0, n), slice(0, p.shape[0]))
+        for mod, served in hooks.unreached():
+            for name, attr in served:
+                p = getattr(mod, attr)
+                zeros = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+                consume(name, zeros, slice(0, n), slice(0, p.shape[0]))
     return losses if create_graph else losses.detach()
+
+
+def batched_pass(
+    model: nn.Module,
+    tensors: Dict[str, Tensor],
+    names: Sequence[str],
+    forward: Callable[[], Tensor],
+    per_sample_losses: Callable[[Tensor], Tensor],
+    wrt: Sequence[Tensor] = (),
+    leaves: Sequence[Tensor] = (),
+    offsets: Optional[Tuple[SampleGrads, Tensor]] = None,
+    collect: bool = False,
+) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...], Optional[SampleGrads]]:
+    r"""
+    One batched forward and backward pass in which sample ``i`` runs with its own parameters
+    ``theta + c_i D_i`` (``offsets = (D, c)``), giving the gradients of the per-sample losses with
+    respect to ``wrt`` and (``collect``) every served parameter's per-sample gradient at the
+    per-sample parameters -- what a loop of batch-1 passes gives, at the cost of batched passes.
+
+    Args:
+        model (nn.Module): the caller's model (hooks for this call only; nothing is written).
+        tensors (dict): the parameter tensors ``forward`` gives the model (``functional_call``):
+                    served parameters are recognised by identity.
+        names (sequence of str): the served parameters (all the parameters that differ per sample);
+                    :func:`coverage_problem` must be None for them.
+        forward (Callable): runs the model on the batch (with ``tensors``), returns its output.
+        per_sample_losses (Callable): ``output -> (N,)``.
+        wrt (sequence of Tensor): tensors created during ``forward`` (zero perturbations) whose
+                    gradients are returned.
+        leaves (sequence of Tensor): inputs requiring grad, used when the backward pass must reach
+                    the input (an in-place operation on a served module's output).
+        offsets (tuple, optional): ``(D, c)``: per-sample gradients and one coefficient per sample.
+        collect (bool, optional): return the per-sample gradients of the served parameters.
+
+    Returns:
+        (Tensor, Tensor, tuple[Tensor, ...], SampleGrads or None): the output, the losses ``(N,)``,
+        the gradients w.r.t. ``wrt``, and the per-sample gradients.
+
+    Raises:
+        NotCovered: a served parameter is used outside its module, a module is called twice, or
+                    the layout is not batch-first.
+    """
+    grads: Optional[SampleGrads] = None
+
+    def on_grad(mod: nn.Module, served: List[Tuple[str, str]], a: Tensor, g: Tensor) -> None:
+        assert grads is not None
+        for name, attr in served:
+            _collect(mod, attr, a, g, grads, name)
+
+    with _PassHooks(model, names, on_grad if collect else None, tensors=tensors, offsets=offsets) as hooks:
+        with torch.enable_grad():
+            out = forward()
+            hooks.check()
+            losses = per_sample_losses(out)
+            if collect:
+                grads = SampleGrads(losses.shape[0])
+            extra = hooks.targets(leaves) if collect else []
+            want = list(wrt) + extra
+            gs = torch.autograd.grad(losses.sum(), want, allow_unused=True) if want else ()
+    result = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs[: len(wrt)]))
+    return out.detach(), losses.detach(), result, grads

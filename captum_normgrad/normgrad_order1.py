@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _capture, _dispatch, _targets
 from ._functional import (
     STRATEGIES,
+    NotCovered,
     Params,
     PerSampleModel,
     backward_hook_owners,
@@ -34,22 +35,6 @@ def per_sample_cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
     """Per-sample cross-entropy ``(N, K), (N,) -> (N,)``: the default loss of order-1 NormGrad (and of
     parameter saliency: the package's one per-example loss, :mod:`captum_normgrad._functional`)."""
     return per_example_cross_entropy(outputs, target)
-
-
-def _axpy(theta: Params, direction: Params, alpha: Union[float, Tensor]) -> Params:
-    """Per-sample parameter sets ``theta + alpha_i * direction_i`` (leading sample dim).
-
-    ``alpha`` is a number or one value per sample; a single sample uses one fused ``torch.add``.
-    """
-    if isinstance(alpha, Tensor):
-        if alpha.numel() == 1:
-            alpha = float(alpha.item())
-        else:
-            return {
-                k: theta[k].unsqueeze(0) + alpha.reshape(-1, *([1] * theta[k].dim())).to(d.dtype) * d
-                for k, d in direction.items()
-            }
-    return {k: torch.add(theta[k].unsqueeze(0), d, alpha=alpha) for k, d in direction.items()}
 
 
 def _target_rows(target: TargetType, shape: Tuple[int, ...], device: torch.device) -> Tensor:
@@ -366,9 +351,11 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             extra,
             batched_extra,
             layer_calls=[layer_call] * len(layers),
+            batch_loss=self.loss_fn is None,
         )
         device = next(iter(psm.trainable.values())).device
-        psm.strategy = ("vmap" if device.type == "cuda" else "loop") if strategy == "auto" else strategy
+        fallback = "vmap" if device.type == "cuda" else "loop"
+        psm.strategy = "batched" if strategy == "auto" else strategy
         if psm.strategy == "vmap":
             hooked = backward_hook_owners(self.model)
             if hooked:
@@ -376,40 +363,35 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                     f"the model carries backward hooks (on {', '.join(hooked[:3])}), which torch.func's vmap does "
                     "not support; use strategy='loop' (same maps, plain autograd)"
                 )
+        options = (epsilon, adversarial, hessian, h, compute_dtype, layers, virtual_layer, aggregation)
+        options2 = (weights_grid, channel_dim, attr_dim_summation)
 
         with psm.hooked():
             # one forward pass of one example: layer call counts and shapes, and the output shape
-            out_shape = self._output_shape(psm.probe(inputs_t, extra), n)
+            self._probe_out = psm.probe(inputs_t, extra)
+            self._probe_checked = False
+            out_shape = self._output_shape(self._probe_out, n)
             targets = _target_rows(target, out_shape, device)
             self._warn_constant_objective(out_shape)
-            chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
-            per_slot: List[List[Tensor]] = [[] for _ in range(psm.n_slots())]
-            self._outs: List[Tensor] = []
-            for start in range(0, n, chunk):
-                sl = slice(start, min(n, start + chunk))
-                res = self._chunk_with_dtype(
-                    psm,
-                    inputs_t,
-                    extra,
-                    targets,
-                    sl,
-                    epsilon,
-                    adversarial,
-                    hessian,
-                    h,
-                    compute_dtype,
-                    layers,
-                    virtual_layer,
-                    aggregation,
-                    weights_grid,
-                    channel_dim,
-                    attr_dim_summation,
-                )
-                for j, m in enumerate(res):
-                    per_slot[j].append(m)
-            if any(isinstance(e, Tensor) for e in extra):
+            if psm.strategy == "batched":
+                problem = psm.batched_problem()
+                if hessian == "exact":
+                    problem = "hessian='exact' runs per sample (forward-over-reverse)"
+                if problem is not None:
+                    if strategy == "batched":
+                        raise ValueError(f"strategy='batched' cannot serve this call: {problem}; use strategy='loop'")
+                    psm.strategy = fallback
+            try:
+                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options, options2)
+            except NotCovered as exc:
+                if strategy == "batched":
+                    raise ValueError(f"strategy='batched' cannot serve this call: {exc}; use strategy='loop'") from None
+                psm.strategy = fallback
+                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options, options2)
+            if psm.strategy != "batched" and any(isinstance(e, Tensor) for e in extra):
                 outs = torch.cat([o.to(self._outs[0].dtype) for o in self._outs])
                 self._check_per_example(psm, inputs_t, extra, outs, psm.trainable)
+        self.last_strategy = psm.strategy
         self._outs = []
         maps = [torch.cat(ms, 0) for ms in per_slot]
         results: List[Union[Tensor, Tuple[Tensor, ...]]] = []
@@ -429,6 +411,40 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         return results if is_list else results[0]
 
     # ------------------------------------------------------------------ helpers
+    def _all_chunks(
+        self,
+        psm: PerSampleModel,
+        inputs_t: Tuple[Tensor, ...],
+        extra: Tuple[Any, ...],
+        targets: Tensor,
+        n: int,
+        chunk_size: Optional[int],
+        options: Tuple[Any, ...],
+        options2: Tuple[Any, ...],
+    ) -> List[List[Tensor]]:
+        """The maps of all examples, chunk by chunk (one list of chunk maps per slot)."""
+        chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
+        per_slot: List[List[Tensor]] = [[] for _ in range(psm.n_slots())]
+        self._outs: List[Tensor] = []
+        for start in range(0, n, chunk):
+            sl = slice(start, min(n, start + chunk))
+            res = self._chunk_with_dtype(psm, inputs_t, extra, targets, sl, *options, *options2)
+            for j, m in enumerate(res):
+                per_slot[j].append(m)
+        return per_slot
+
+    def _check_batched_output(self, psm: PerSampleModel, outs: Tensor) -> None:
+        """The batched strategy runs the samples together: the first example's output must equal its
+        output alone (the probe), or the model mixes the samples (then the per-sample loop is used)."""
+        if psm.strategy != "batched" or self._probe_checked:
+            return
+        self._probe_checked = True
+        alone = self._probe_out.to(outs.dtype)[0]
+        scale = float(alone.abs().max()) if alone.numel() else 0.0
+        tol = 1e-3 if outs.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if outs.shape[1:] != alone.shape or not torch.allclose(outs[0], alone, rtol=tol, atol=tol * max(scale, 1e-12)):
+            raise NotCovered("the model mixes the samples of a batch (its first output differs from that example alone)")
+
     @staticmethod
     def _check_numbers(epsilon: Any, h: Any, hessian: str) -> None:
         if hessian not in HESSIAN_CHOICES:
@@ -611,7 +627,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             if not bool(torch.isfinite(losses).all()):
                 raise ValueError("the loss is NaN or Inf for some examples; check the targets and the model output")
             self._last_outs = outs.detach()
-            theta_p = _axpy(theta, g1, sign * epsilon)
+            self._check_batched_output(psm, outs)
+            theta_p = psm.shift(theta, g1, sign * epsilon)
             del g1
             pdtype = next(iter(theta.values())).dtype
             deltas = psm.zero_deltas(m, pdtype, ts.device)
@@ -636,7 +653,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             combined = g_p
             if need_v:
                 assert v is not None
-                vnorm = torch.sqrt(sum(t.reshape(m, -1).square().sum(1) for t in v.values()))  # type: ignore[arg-type]
+                vnorm = torch.sqrt(psm.sq_norms(v))
                 zero_v = vnorm == 0
                 if hessian == "finite_difference":
                     if h is None:
@@ -647,10 +664,10 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                     else:
                         scale = torch.full_like(vnorm, float(h))
                         coef = torch.full_like(vnorm, epsilon / (2.0 * float(h)))
-                    plus = _axpy(theta, v, scale)
+                    plus = psm.shift(theta, v, scale)
                     _, g_plus, _, _ = psm.grads_at(plus, deltas, xs, ts, es, with_params=False)
                     del plus
-                    minus = _axpy(theta, v, -scale)
+                    minus = psm.shift(theta, v, -scale)
                     del v
                     _, g_minus, _, _ = psm.grads_at(minus, deltas, xs, ts, es, with_params=False)
                     del minus
