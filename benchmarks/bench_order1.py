@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             fns = {
                 "order0": lambda: o0.attribute(x, tlist, loss_fn=per_sample_cross_entropy),
                 **{v: (lambda v=v: o1.attribute(x, tlist, hessian=v)) for v in VARIANTS},
+                "fd_loop": lambda: o1.attribute(x, tlist, strategy="loop"),
                 **({"fd_vmap": lambda: o1.attribute(x, tlist, strategy="vmap")} if args.vmap else {}),
                 "naive_loop": lambda: naive_order1(model, layer, x, tlist),
                 "pass_full": lambda: pass_full(model, x, target),

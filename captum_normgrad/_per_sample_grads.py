@@ -234,11 +234,11 @@ def _small_grads(mod: Any, attr: str, a: Tensor, g: Tensor) -> Tensor:
         return g.reshape(n, -1, g.shape[-1]).sum(1)
     g3 = g.reshape(n, g.shape[1], -1)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and attr == "weight":
-        shape = (1, -1) + (1,) * (a.dim() - 2)
         mean, var = mod.running_mean, mod.running_var  # not None: checked by coverage_problem
         assert mean is not None and var is not None
-        xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + mod.eps)
-        return (g3 * xhat.reshape(n, a.shape[1], -1)).sum(-1)
+        # sum_u g (a - mean) / sqrt(var + eps), without writing x-hat out
+        ga = torch.einsum("ncl,ncl->nc", g3, a.reshape(n, a.shape[1], -1))
+        return (ga - g3.sum(-1) * mean) * torch.rsqrt(var + mod.eps)
     return g3.sum(-1)  # a conv bias, a BatchNorm bias
 
 
@@ -372,16 +372,11 @@ class _Offsets:
         if name in self.d.factors:
             out = func(x, w, None, stride, padding, dilation, groups)
             g, a = self.d.factors[name]
-            one_d = func is torch.conv1d
-            xx = x.unsqueeze(-2) if one_d else x
-            kernel = (1, w.shape[-1]) if one_d else tuple(w.shape[-2:])
-
-            def pair(v: Any) -> Any:
-                v = (v,) if isinstance(v, int) else tuple(v)
-                return (1, v[-1]) if one_d else (v if len(v) == 2 else v * 2)
-
-            cols = F.unfold(xx, kernel, dilation=pair(dilation), padding=(0, pair(padding)[1]) if one_d else pair(padding), stride=pair(stride))
-            corr = torch.bmm(g, torch.bmm(a.transpose(1, 2), cols))  # (n, rows, L')
+            # K_i = A_i^T unfold(x_i) as a convolution of x_i with the L patches of A_i as filters
+            # (one grouped convolution over the samples; no unfolded copy of x), then G_i K_i
+            filters = a.transpose(1, 2).reshape(n * a.shape[2], *w.shape[1:])
+            k = func(x.reshape(1, n * x.shape[1], *x.shape[2:]), filters, None, stride, padding, dilation, n)
+            corr = torch.bmm(g, k.reshape(n, a.shape[2], -1))  # (n, rows, L')
             out = out + (self.coef.reshape(-1, 1, 1).to(corr.dtype) * corr).reshape(out.shape)
         else:
             ws = self._shift(name, w)
@@ -420,14 +415,16 @@ class _Offsets:
         x, mean, var = args[0], _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
         w, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
         eps = _arg(args, kwargs, 7, "eps", 1e-5)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        xhat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+        # eval-mode batch norm is a per-channel affine map x * s + t; per sample, one fused pass
+        # over the activation: s_i = w_i / sqrt(var + eps), t_i = b_i - mean * s_i
+        n, c = x.shape[0], x.shape[1]
+        r = torch.rsqrt(var + eps)
         ws = self._shift(self.name_of.get(id(w)), w) if w is not None else None
-        if ws is not None:
-            out = xhat * ws.reshape(*ws.shape, *([1] * (x.dim() - 2)))
-        else:
-            out = xhat if w is None else xhat * w.reshape(shape)
-        return self._bias(out, bias, channel_last=False)
+        bs = self._shift(self.name_of.get(id(bias)), bias) if bias is not None else None
+        scale = (ws if ws is not None else (w if w is not None else torch.ones_like(r)).expand(n, c)) * r
+        shift = (bs if bs is not None else (bias if bias is not None else torch.zeros_like(r)).expand(n, c)) - mean * scale
+        tail = (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.reshape(n, c, *tail), x, scale.reshape(n, c, *tail))
 
     def __call__(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if func in (torch.conv1d, torch.conv2d):

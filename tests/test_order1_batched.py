@@ -1,0 +1,316 @@
+"""Order 1 batched across samples (issue #14): ``strategy="batched"``.
+
+Every sample runs with its own parameters inside whole-batch passes. The references are
+independent of that engine: deep copies stepped by hand (``test_order1_trust.naive_order1``),
+per-sample ``functional_call`` on explicitly shifted parameter dictionaries, and per-sample
+``torch.autograd.grad`` loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from captum_normgrad import LayerNormGradOrder1
+from captum_normgrad._per_sample_grads import NotCovered, SampleGrads, batched_pass
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_order1_trust import naive_order1, rel, tv_model  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is all zero.*:UserWarning", "ignore:.*increased the loss.*")
+
+
+def images(n: int, size: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def order1(model: nn.Module, layer: str, strategy: str, **kw) -> LayerNormGradOrder1:
+    return LayerNormGradOrder1(model, dict(model.named_modules())[layer], strategy=strategy, **kw)
+
+
+# ----------------------------------------------------------------- against the deep-copy reference
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_batched_equals_deep_copy_reference_resnet18(adversarial: bool) -> None:
+    model = tv_model("resnet18")
+    x, t = images(2, 32, 4), [2, 6]
+    for layer in ("layer1.0.bn1", "layer3"):
+        ref = naive_order1(model, layer, x, t, eps=5e-2, adversarial=adversarial)
+        attr = order1(model, layer, "batched")
+        got = attr.attribute(x, t, epsilon=5e-2, adversarial=adversarial)
+        assert attr.last_strategy == "batched"
+        assert rel(got, ref) < 1e-10, (layer, rel(got, ref))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, layers",
+    [
+        ("vgg11", ["features.3", "features.13"]),
+        ("densenet121", ["features.transition1.conv", "features.denseblock2"]),
+        ("mobilenet_v2", ["features.2", "features.12"]),  # depthwise (grouped) convolutions
+    ],
+)
+def test_batched_equals_deep_copy_reference_torchvision(name: str, layers: List[str]) -> None:
+    model = tv_model(name)
+    x, t = images(2, 32, 5), [1, 4]
+    for layer in layers:
+        ref = naive_order1(model, layer, x, t, eps=5e-2)
+        attr = order1(model, layer, "batched")
+        got = attr.attribute(x, t, epsilon=5e-2)
+        assert attr.last_strategy == "batched"
+        assert rel(got, ref) < 1e-10, (name, layer, rel(got, ref))
+
+
+@pytest.mark.parametrize("hessian", ["none", "finite_difference"])
+def test_batched_equals_loop_on_every_option(hessian: str) -> None:
+    model = tv_model("resnet18")
+    x, t = images(3, 32, 6), [0, 3, 5]
+    for kw in (
+        {"adversarial": True},
+        {"attribute_to_layer_input": True},
+        {"virtual_layer": "weights"},
+        {"aggregation": "sum"},
+    ):
+        a = order1(model, "layer2.0.conv2", "batched").attribute(x, t, epsilon=5e-2, hessian=hessian, **kw)
+        b = order1(model, "layer2.0.conv2", "loop").attribute(x, t, epsilon=5e-2, hessian=hessian, **kw)
+        assert rel(a, b) < 1e-10, (kw, rel(a, b))
+
+
+def test_chunks_do_not_change_the_maps() -> None:
+    model = tv_model("resnet18")
+    x, t = images(5, 32, 7), [0, 1, 2, 3, 4]
+    whole = order1(model, "layer2", "batched").attribute(x, t, epsilon=5e-2)
+    for chunk in (1, 2):
+        parts = order1(model, "layer2", "batched", chunk_size=chunk).attribute(x, t, epsilon=5e-2)
+        assert rel(parts, whole) < 1e-12
+
+
+def test_float32_error_is_that_of_the_loop() -> None:
+    """In float32 the batched maps are as close to the float64 maps as the loop's are."""
+    model64 = tv_model("resnet18")
+    model32 = copy.deepcopy(model64).float()
+    x = images(4, 32, 8)
+    t = [0, 1, 2, 3]
+    truth = order1(model64, "layer2", "loop").attribute(x, t, epsilon=5e-3)
+    errs = {}
+    for strategy in ("loop", "batched"):
+        got = order1(model32, "layer2", strategy).attribute(x.float(), t, epsilon=5e-3)
+        assert got.dtype == torch.float32
+        errs[strategy] = rel(got.double(), truth)
+    assert errs["batched"] < 1e-3 and errs["batched"] <= 10 * errs["loop"] + 1e-6, errs
+
+
+# ----------------------------------------------------------------- the engine: per-sample parameters
+class Zoo(nn.Module):
+    """Every layer form the batched engine serves: Conv1d (reflect padding, stride, dilation), Conv2d
+    (groups, 'same' padding, few locations: factored), Linear over tokens, BatchNorm 1d/2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, stride=2, dilation=2, padding=2, padding_mode="reflect")
+        self.bn1 = nn.BatchNorm1d(6)
+        self.c1b = nn.Conv1d(6, 64, 5, stride=4, padding=2)  # 4 locations: factored
+        self.c2 = nn.Conv2d(6, 8, 3, padding="same", groups=2)
+        self.c3 = nn.Conv2d(8, 64, 3, stride=2, padding=1)  # 4 locations: factored
+        self.bn2 = nn.BatchNorm2d(64)
+        self.tok = nn.Linear(64, 48)  # tokens: factored
+        self.head = nn.Linear(48 * 4 + 64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        h = torch.relu(self.bn1(self.c1(x)))  # (n, 6, 16)
+        z = torch.tanh(self.c1b(h)).mean(2)  # (n, 64)
+        h = h.reshape(n, 6, 4, 4)
+        h = torch.relu(self.bn2(self.c3(torch.tanh(self.c2(h)))))  # (n, 64, 2, 2)
+        h = torch.tanh(self.tok(h.flatten(2).transpose(1, 2)))  # (n, 4, 48)
+        return self.head(torch.cat([h.flatten(1), z], 1))
+
+
+def zoo() -> nn.Module:
+    torch.manual_seed(0)
+    m = Zoo().double()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _per_sample_reference(model: nn.Module, theta: Dict[str, Tensor], x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+    bufs = dict(model.named_buffers())
+    out: Dict[str, List[Tensor]] = {k: [] for k in theta}
+    for i in range(x.shape[0]):
+        p = {k: v[i].clone().requires_grad_() for k, v in theta.items()}
+        loss = F.cross_entropy(functional_call(model, (p, bufs), (x[i : i + 1],)), y[i : i + 1])
+        for k, g in zip(p, torch.autograd.grad(loss, list(p.values()))):
+            out[k].append(g)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def test_engine_per_sample_parameters_equal_explicit_shifts() -> None:
+    model = zoo()
+    x = torch.randn(3, 3, 31, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0, 3, 4])
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    bufs = dict(model.named_buffers())
+
+    def run(offsets):
+        leaf = x.clone().requires_grad_()
+        return batched_pass(
+            model, theta, list(theta), lambda: functional_call(model, (theta, bufs), (leaf.clone(),)),
+            lambda o: F.cross_entropy(o, y, reduction="none"), leaves=[leaf], offsets=offsets, collect=True,
+        )
+
+    _, _, _, g = run(None)
+    assert {"c1b.weight", "c3.weight", "tok.weight", "head.weight"} <= set(g.factors), g.factors.keys()
+    assert {"c1.weight", "c2.weight", "bn1.weight"} <= set(g.dense)
+    same = {k: v.unsqueeze(0).expand(3, *v.shape) for k, v in theta.items()}
+    ref_g = _per_sample_reference(model, same, x, y)
+    for k, p in theta.items():
+        assert rel(g.expanded(k, p.shape), ref_g[k]) < 1e-12, k
+    # squared norms without expanding the factors
+    dense_norm = sum(ref_g[k].reshape(3, -1).square().sum(1) for k in theta)
+    assert rel(g.sq_norms(), dense_norm) < 1e-12
+    # a pass with per-sample parameters theta + c_i g_i
+    c = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    out, _, _, v = run((g, c))
+    shifted = {k: theta[k].unsqueeze(0) + c.reshape(-1, *[1] * theta[k].dim()) * ref_g[k] for k in theta}
+    for i in range(3):
+        alone = functional_call(model, ({k: s[i] for k, s in shifted.items()}, bufs), (x[i : i + 1],))
+        assert rel(out[i : i + 1], alone) < 1e-12
+    ref_v = _per_sample_reference(model, shifted, x, y)
+    for k, p in theta.items():
+        assert rel(v.expanded(k, p.shape), ref_v[k]) < 1e-11, k
+
+
+def test_engine_refuses_a_module_called_twice() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin).double().eval()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotCovered, match="more than once"):
+        batched_pass(model, theta, list(theta), lambda: functional_call(model, theta, (x,)),
+                     lambda o: o.sum(1), collect=True)
+
+
+def test_sample_grads_without_entries_are_zero() -> None:
+    g = SampleGrads(2)
+    assert g.sq_norms().tolist() == [0.0, 0.0]
+    assert g.expanded("w", (3,)).abs().sum() == 0
+
+
+# ----------------------------------------------------------------- when the batched engine steps aside
+class LN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+class Mixer(nn.Module):
+    """Subtracts the batch mean: the samples interact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return self.fc((h - h.mean(0, keepdim=True)).mean((2, 3)))
+
+
+class SeqFirst(nn.Module):
+    """A layer whose tensor is (T, N, C): not batch-first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (N, T, 3)
+        return self.fc(torch.tanh(self.proj(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize(
+    "cls, layer, shape, why",
+    [
+        (LN, "conv", (3, 3, 6, 6), "GroupNorm"),
+        (Twice, "fc", (3, 3, 6, 6), "more than once"),
+        (Mixer, "conv", (3, 3, 6, 6), "mixes the samples"),
+        (SeqFirst, "proj", (3, 4, 3), "batch-first|batch is not its first dim"),
+    ],
+)
+def test_auto_falls_back_to_the_loop_and_batched_names_the_cause(cls, layer, shape, why) -> None:
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = [0, 1, 2]
+    auto = order1(model, layer, "auto")
+    got = auto.attribute(x, t, epsilon=5e-2)
+    assert auto.last_strategy == "loop"
+    assert rel(got, order1(model, layer, "loop").attribute(x, t, epsilon=5e-2)) == 0.0
+    with pytest.raises(ValueError, match=f"strategy='batched' cannot serve this call: .*({why}).*strategy='loop'"):
+        order1(model, layer, "batched").attribute(x, t, epsilon=5e-2)
+
+
+def test_exact_hessian_runs_per_sample() -> None:
+    model = tv_model("resnet18")
+    x, t = images(2, 32, 9), [0, 1]
+    attr = order1(model, "layer2", "auto")
+    attr.attribute(x, t, epsilon=5e-2, hessian="exact")
+    assert attr.last_strategy == "loop"
+    with pytest.raises(ValueError, match="hessian='exact'"):
+        order1(model, "layer2", "batched").attribute(x, t, hessian="exact")
+
+
+def test_user_backward_hooks_and_the_model_untouched() -> None:
+    """Plain autograd: the caller's backward hooks run and the maps equal the loop's; afterwards the
+    model's parameters, buffers, flags, .grad fields, mode and hooks are exactly as before."""
+    model = tv_model("resnet18")
+    model.layer4[0].conv1.weight.requires_grad_(False)  # not part of theta
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)
+    seen: List[int] = []
+    handle = model.layer1.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    before = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    x, t = images(2, 32, 10), [3, 4]
+    try:
+        a = order1(model, "layer2", "batched").attribute(x, t, epsilon=5e-2)
+        b = order1(model, "layer2", "loop").attribute(x, t, epsilon=5e-2)
+        assert seen and rel(a, b) < 1e-10
+        with pytest.raises(ValueError):
+            order1(model, "layer2", "batched").attribute(x, [3, 99])
+    finally:
+        handle.remove()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
+    assert not model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
