@@ -352,7 +352,7 @@ class _Offsets:
         if p is None or name is None or name not in self.d.dense:
             return None
         dd = self.d.dense[name]
-        return p.unsqueeze(0) + self.coef.reshape(-1, *([1] * p.dim())).to(dd.dtype) * dd
+        return torch.addcmul(p.unsqueeze(0), self.coef.reshape(-1, *([1] * p.dim())).to(dd.dtype), dd)
 
     def _bias(self, out: Tensor, bias: Optional[Tensor], channel_last: bool) -> Tensor:
         name = self.name_of.get(id(bias)) if bias is not None else None
@@ -373,11 +373,11 @@ class _Offsets:
             out = func(x, w, None, stride, padding, dilation, groups)
             g, a = self.d.factors[name]
             # K_i = A_i^T unfold(x_i) as a convolution of x_i with the L patches of A_i as filters
-            # (one grouped convolution over the samples; no unfolded copy of x), then G_i K_i
+            # (one grouped convolution over the samples; no unfolded copy of x), then c_i G_i K_i
             filters = a.transpose(1, 2).reshape(n * a.shape[2], *w.shape[1:])
             k = func(x.reshape(1, n * x.shape[1], *x.shape[2:]), filters, None, stride, padding, dilation, n)
-            corr = torch.bmm(g, k.reshape(n, a.shape[2], -1))  # (n, rows, L')
-            out = out + (self.coef.reshape(-1, 1, 1).to(corr.dtype) * corr).reshape(out.shape)
+            cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
+            out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, k.reshape(n, a.shape[2], -1)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
             if ws is None:
@@ -401,8 +401,8 @@ class _Offsets:
         if name in self.d.factors:
             out = func(x, w, None)
             g, a = self.d.factors[name]
-            corr = torch.bmm(torch.bmm(x3, a), g.transpose(1, 2))  # (n, T', out)
-            out = out + (self.coef.reshape(-1, 1, 1).to(corr.dtype) * corr).reshape(out.shape)
+            cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
+            out = torch.baddbmm(out.reshape(n, -1, w.shape[0]), torch.bmm(x3, a), cg.transpose(1, 2)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
             if ws is None:
