@@ -488,7 +488,9 @@ class PerSampleModel:
     ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...], Tuple[Tensor, ...], Optional[SampleGrads]]:
         """One batched pass (:func:`batched_pass`): output, losses, activation grads, activations,
         per-sample parameter grads (``collect``). ``params`` is ``theta`` or a :class:`Shifted`."""
-        theta, offsets = (params.theta, (params.direction, params.coef)) if isinstance(params, Shifted) else (params, None)
+        theta, offsets = (
+            (params.theta, (params.direction, params.coef)) if isinstance(params, Shifted) else (params, None)
+        )
         leaves = [t.detach().requires_grad_() for t in x if t.is_floating_point()] if collect else []
         live = iter(leaves)
         args = tuple(next(live).clone() if t.is_floating_point() and collect else t for t in x) + tuple(extra)
@@ -509,7 +511,15 @@ class PerSampleModel:
 
         try:
             out, losses, dg, grads = batched_pass(
-                self.model, theta, list(theta), forward, losses_of, wrt=d, leaves=leaves, offsets=offsets, collect=collect
+                self.model,
+                theta,
+                list(theta),
+                forward,
+                losses_of,
+                wrt=d,
+                leaves=leaves,
+                offsets=offsets,
+                collect=collect,
             )
         finally:
             self._deltas = None
@@ -535,9 +545,9 @@ class PerSampleModel:
         also the losses ``(N,)`` and the outputs ``(N, *out)``. The batched strategy gives a
         :class:`SampleGrads`."""
         if self.strategy == "batched":
-            out, losses, _, _, g = self._batched(params, (), x, target, extra, collect=True)
-            assert g is not None
-            return g, losses, out  # type: ignore[return-value]
+            out, losses, _, _, sg = self._batched(params, (), x, target, extra, collect=True)
+            assert sg is not None
+            return sg, losses, out  # type: ignore[return-value]
         if self.strategy == "vmap":
 
             def f(

@@ -422,7 +422,9 @@ class _Offsets:
         ws = self._shift(self.name_of.get(id(w)), w) if w is not None else None
         bs = self._shift(self.name_of.get(id(bias)), bias) if bias is not None else None
         scale = (ws if ws is not None else (w if w is not None else torch.ones_like(r)).expand(n, c)) * r
-        shift = (bs if bs is not None else (bias if bias is not None else torch.zeros_like(r)).expand(n, c)) - mean * scale
+        shift = (
+            bs if bs is not None else (bias if bias is not None else torch.zeros_like(r)).expand(n, c)
+        ) - mean * scale
         tail = (1,) * (x.dim() - 2)
         return torch.addcmul(shift.reshape(n, c, *tail), x, scale.reshape(n, c, *tail))
 
@@ -435,7 +437,9 @@ class _Offsets:
             if _arg(args, kwargs, 5, "training", False):
                 raise NotCovered("a served BatchNorm uses batch statistics")
             return self.batch_norm(func, args, kwargs)
-        raise NotCovered(f"a served parameter is used by {getattr(func, '__name__', func)}, which has no per-sample form")
+        raise NotCovered(
+            f"a served parameter is used by {getattr(func, '__name__', func)}, which has no per-sample form"
+        )
 
 
 # --------------------------------------------------------------------------- use watcher
@@ -492,7 +496,10 @@ class _PassHooks:
         for name, (_, mod, attr) in owners.items():
             self.by_module.setdefault(id(mod), (mod, []))[1].append((name, attr))
         # the tensors the modules hold during the pass: theirs, or those given to functional_call
-        held = {name: (tensors[name] if tensors is not None else getattr(mod, attr)) for name, (_, mod, attr) in owners.items()}
+        held = {
+            name: (tensors[name] if tensors is not None else getattr(mod, attr))
+            for name, (_, mod, attr) in owners.items()
+        }
         owner_of = {id(held[name]): id(mod) for name, (_, mod, attr) in owners.items()}
         off = None
         if offsets is not None:

@@ -176,6 +176,9 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self._outs: List[Tensor] = []
+        #: the strategy the last ``attribute`` call ran ("batched", "loop" or "vmap")
+        self.last_strategy: Optional[str] = None
 
     @staticmethod
     def _check_execution(strategy: Optional[str], chunk_size: Optional[int], compute_dtype: Any) -> None:
@@ -425,7 +428,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         """The maps of all examples, chunk by chunk (one list of chunk maps per slot)."""
         chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
         per_slot: List[List[Tensor]] = [[] for _ in range(psm.n_slots())]
-        self._outs: List[Tensor] = []
+        self._outs = []
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))
             res = self._chunk_with_dtype(psm, inputs_t, extra, targets, sl, *options, *options2)
@@ -443,7 +446,9 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         scale = float(alone.abs().max()) if alone.numel() else 0.0
         tol = 1e-3 if outs.dtype in (torch.float16, torch.bfloat16) else 1e-4
         if outs.shape[1:] != alone.shape or not torch.allclose(outs[0], alone, rtol=tol, atol=tol * max(scale, 1e-12)):
-            raise NotCovered("the model mixes the samples of a batch (its first output differs from that example alone)")
+            raise NotCovered(
+                "the model mixes the samples of a batch (its first output differs from that example alone)"
+            )
 
     @staticmethod
     def _check_numbers(epsilon: Any, h: Any, hessian: str) -> None:
