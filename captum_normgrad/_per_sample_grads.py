@@ -509,7 +509,8 @@ class _PassHooks:
         self.create_graph = create_graph
         self.calls: Dict[int, int] = {}
         self.fired: set = set()
-        self.recorded: List[Tuple[Tensor, int]] = []
+        # (module output, its version, module input, its version) per hooked call
+        self.recorded: List[Tuple[Tensor, int, Tensor, int]] = []
         self._stack = ExitStack()
 
     def _pre_hook(self, mod: nn.Module, args: Tuple[Any, ...]) -> None:
@@ -542,7 +543,7 @@ class _PassHooks:
         # A tensor hook registered now receives the gradient of this value even if a later
         # in-place operation (ReLU(inplace=True)) overwrites the tensor.
         out.register_hook(grad_hook)
-        self.recorded.append((out, out._version))
+        self.recorded.append((out, out._version, a, a._version))
 
     def __enter__(self) -> "_PassHooks":
         for mod, _ in self.by_module.values():
@@ -554,6 +555,10 @@ class _PassHooks:
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
+        # break the cycle hooks -> recorded outputs -> their tensor hooks -> hooks, so that the
+        # pass's autograd graph is freed now, not at the next garbage collection
+        self.recorded.clear()
+        self.watcher.offsets = None
 
     def check(self) -> None:
         """After the forward pass: raise :class:`NotCovered` if a parameter was used unexpectedly."""
@@ -562,13 +567,23 @@ class _PassHooks:
 
     def targets(self, leaves: Sequence[Tensor]) -> List[Tensor]:
         """What to differentiate for every hook to fire: the hooked outputs themselves (the pass
-        stops there), or, if one was modified in place since (ReLU(inplace=True) after a BatchNorm),
-        the ``leaves`` (the pass goes down to the input)."""
+        stops there); an output modified in place since (ReLU(inplace=True) after a BatchNorm) is
+        replaced by its module's input, which lies before it (the pass goes through the module);
+        where that input cannot carry a gradient either, the ``leaves`` (the pass goes down to the
+        input)."""
         if not self.recorded:
             return []
-        unchanged = all(o._version == v for o, v in self.recorded)
-        if unchanged and not self.create_graph:
-            return [o for o, _ in self.recorded]
+        if not self.create_graph:
+            chosen: List[Tensor] = []
+            for o, v, a, va in self.recorded:
+                if o._version == v:
+                    chosen.append(o)
+                elif a.requires_grad and a._version == va:
+                    chosen.append(a)
+                else:
+                    break
+            else:
+                return chosen
         if not leaves:
             raise NotCovered("a hooked output is modified in place and no input carries the backward pass")
         return list(leaves)

@@ -125,17 +125,28 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             device_ids (list[int], optional): Accepted for signature compatibility
                         with Captum; more than one device is refused (see above).
                         Default: None
-            strategy (str, optional): How the per-sample passes run: ``"loop"`` (a
-                        loop of batch-1 passes with plain autograd: fastest on CPUs and
-                        compatible with the model's own backward hooks), ``"vmap"``
-                        (``torch.func.vmap``: per-sample weights become grouped
-                        convolutions, for GPUs) or ``"auto"`` (``"vmap"`` on CUDA,
-                        ``"loop"`` otherwise). All give the same maps.
+            strategy (str, optional): How the per-sample passes run. All give the
+                        same maps (to round-off). ``"batched"``: each of the four
+                        passes runs once on the whole batch, every sample with its own
+                        parameters ``theta + c_i D_i`` (``D_i`` a per-sample gradient from
+                        activation x backprop: grouped convolutions where a layer has
+                        many locations, low-rank corrections ``G_i (A_i^T x)`` where it
+                        has few); it serves models whose trainable parameters belong to
+                        Conv1d/Conv2d/Linear/eval-BatchNorm modules each called once per
+                        pass, batch-first layers, and the finite-difference and
+                        lookahead modes. ``"loop"``: a loop of batch-1 passes with plain
+                        autograd (any model; the model's own backward hooks run).
+                        ``"vmap"``: ``torch.func.vmap`` over the samples. ``"auto"``:
+                        ``"batched"`` where it applies, otherwise ``"vmap"`` on CUDA and
+                        ``"loop"`` on CPU (``last_strategy`` says which ran). An explicit
+                        ``"batched"`` that does not apply raises with the reason.
                         Default: ``"auto"``
-            chunk_size (int, optional): For ``"vmap"``: examples whose per-sample
-                        parameter sets are held in memory at once. None chooses it so
-                        that about 2 GiB of parameter copies are used. The loop holds
-                        one example's parameter sets at a time.
+            chunk_size (int, optional): Examples whose per-sample state (parameter
+                        sets for ``"vmap"``; per-sample gradients and whole-batch
+                        activations for ``"batched"``) is in memory at once: the memory
+                        for speed trade-off. None chooses it so that about 2 GiB of
+                        per-sample parameter copies would be used. The loop holds one
+                        example at a time.
                         Default: None
             compute_dtype (torch.dtype or str, optional): None computes in the
                         model's dtype; ``torch.float64`` computes everything in float64;
