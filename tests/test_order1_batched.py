@@ -314,3 +314,23 @@ def test_user_backward_hooks_and_the_model_untouched() -> None:
     assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
     assert not model.training
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_each_pass_frees_its_graph_without_waiting_for_the_garbage_collector() -> None:
+    """``chunk_size`` bounds memory only if a pass's activations die with it: no reference cycle
+    (hooks -> recorded outputs -> their tensor hooks -> hooks) may keep them until a GC runs."""
+    import gc
+    import weakref
+
+    model = tv_model("resnet18")
+    refs: List[weakref.ref] = []
+    handle = model.layer1[0].conv1.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    gc.disable()
+    try:
+        order1(model, "layer2", "batched", chunk_size=1).attribute(images(2, 32, 11), [0, 1], epsilon=5e-2)
+        assert len(refs) >= 8  # probe + 4 passes x 2 chunks
+        alive = [r for r in refs if r() is not None]
+        assert not alive, f"{len(alive)} of {len(refs)} layer outputs still alive"
+    finally:
+        gc.enable()
+        handle.remove()
