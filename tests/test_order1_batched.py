@@ -112,13 +112,14 @@ def test_float32_error_is_that_of_the_loop() -> None:
 # ----------------------------------------------------------------- the engine: per-sample parameters
 class Zoo(nn.Module):
     """Every layer form the batched engine serves: Conv1d (reflect padding, stride, dilation), Conv2d
-    (groups, 'same' padding, few locations: factored), Linear over tokens, BatchNorm 1d/2d."""
+    (groups, 'same' padding, few locations: factored), a factored Conv1d with circular padding, Linear
+    over tokens, BatchNorm 1d/2d."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv1d(3, 6, 3, stride=2, dilation=2, padding=2, padding_mode="reflect")
         self.bn1 = nn.BatchNorm1d(6)
-        self.c1b = nn.Conv1d(6, 64, 5, stride=4, padding=2)  # 4 locations: factored
+        self.c1b = nn.Conv1d(6, 64, 5, stride=4, padding=2, padding_mode="circular")  # 4 locations: factored
         self.c2 = nn.Conv2d(6, 8, 3, padding="same", groups=2)
         self.c3 = nn.Conv2d(8, 64, 3, stride=2, padding=1)  # 4 locations: factored
         self.bn2 = nn.BatchNorm2d(64)
