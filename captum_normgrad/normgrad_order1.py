@@ -37,6 +37,13 @@ def per_sample_cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
     return per_example_cross_entropy(outputs, target)
 
 
+def _same_outputs(a: Tensor, b: Tensor) -> bool:
+    """Two computations of the same outputs agree (to the round-off of their dtype, relative to ``b``'s scale)."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    tol = 1e-3 if b.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1e-12)))
+
+
 def _target_rows(target: TargetType, shape: Tuple[int, ...], device: torch.device) -> Tensor:
     """One target row per example for the per-sample engine: ``(N,)`` class indices, or ``(N, k)``
     index tuples for outputs with more than 2 dims (validated, negative indices resolved)."""
@@ -454,9 +461,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             return
         self._probe_checked = True
         alone = self._probe_out.to(outs.dtype)[0]
-        scale = float(alone.abs().max()) if alone.numel() else 0.0
-        tol = 1e-3 if outs.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        if outs.shape[1:] != alone.shape or not torch.allclose(outs[0], alone, rtol=tol, atol=tol * max(scale, 1e-12)):
+        if outs.shape[1:] != alone.shape or not _same_outputs(outs[0], alone):
             raise NotCovered(
                 "the model mixes the samples of a batch (its first output differs from that example alone)"
             )
@@ -553,10 +558,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                 "additional forward argument is split per example when it is shared (or the reverse); pass "
                 f"per_example_args=[...] (one bool per argument; now {list(psm.batched_extra)})"
             )
-        scale = float(batched.abs().max()) if batched.numel() else 0.0
-        tol = 1e-3 if batched.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        outs = outs.to(batched.dtype)
-        if not torch.allclose(outs, batched, rtol=tol, atol=tol * max(scale, 1e-12)):
+        if not _same_outputs(outs.to(batched.dtype), batched):
             raise ValueError(
                 "the per-example outputs differ from one batched forward pass: an additional forward "
                 "argument is split per example when it is shared by the batch (e.g. a (C,) gate or a (T, T) "
