@@ -19,10 +19,10 @@ Three strategies give the same maps:
   convolutions in early layers and as low-rank corrections ``G_i (A_i^T x)`` where a layer has
   few locations. It serves models made of Conv/Linear/BatchNorm parameters used once per pass
   (:func:`~captum_normgrad._per_sample_grads.coverage_problem`), batch-first layers;
-* ``"loop"``: a Python loop of ordinary batch-1 passes with plain :mod:`torch.autograd` (fast on
-  CPUs, and compatible with the caller's own module hooks, e.g. ``register_full_backward_hook``);
+* ``"loop"``: a Python loop of ordinary batch-1 passes with plain :mod:`torch.autograd` (any
+  model, and compatible with the caller's own module hooks, e.g. ``register_full_backward_hook``);
 * ``"vmap"``: :func:`torch.func.vmap` over the samples (per-sample weights become grouped
-  convolutions, the fast choice on GPUs; :mod:`torch.func` does not support full backward hooks).
+  convolutions; :mod:`torch.func` does not support full backward hooks).
 
 What is per-example among the extra forward arguments is decided here, once, by
 :func:`per_example_flags`, for every strategy.
