@@ -250,10 +250,12 @@ class SampleGrads:
 
     The weight of a Conv/Linear layer with few output locations is kept **factored**:
     ``grad_i = G_i A_i^T`` with ``G_i`` ``(rows, L)`` the output gradient and ``A_i`` ``(cols, L)``
-    the (unfolded) input over the layer's ``L`` locations. That is far smaller than the dense
-    gradient where ``L`` is small (resnet18's ``layer4`` at 112 px: 16 locations, 41x smaller), and
-    it applies to a new input ``x`` as ``G_i (A_i^T x)``, a low-rank product. Every other gradient is
-    dense, ``(n, *shape)``. A parameter whose module was not reached has no entry: its gradient is zero.
+    the (unfolded) input over the layer's ``L`` locations, stored as ``(G, A^T)``: ``A^T`` ``(L, cols)``
+    holds one input patch per row, the layout of convolution filters. That is far smaller than the
+    dense gradient where ``L`` is small (resnet18's ``layer4`` at 112 px: 16 locations, 41x smaller),
+    and it applies to a new input ``x`` as ``G_i (A_i^T x)``, a low-rank product. Every other gradient
+    is dense, ``(n, *shape)``. A parameter whose module was not reached has no entry: its gradient is
+    zero.
 
     Args:
         n (int): the number of samples.
@@ -272,8 +274,8 @@ class SampleGrads:
         ``||G A^T||_F^2 = sum((G^T G) * (A^T A))`` and is never expanded."""
         parts = [d.reshape(self.n, -1).square().sum(1) for d in self.dense.values()]
         parts += [
-            (torch.bmm(g.transpose(1, 2), g) * torch.bmm(a.transpose(1, 2), a)).sum((1, 2))
-            for g, a in self.factors.values()
+            (torch.bmm(g.transpose(1, 2), g) * torch.bmm(at, at.transpose(1, 2))).sum((1, 2))
+            for g, at in self.factors.values()
         ]
         if not parts:
             return torch.zeros(self.n)
@@ -284,8 +286,8 @@ class SampleGrads:
         if name in self.dense:
             return self.dense[name]
         if name in self.factors:
-            g, a = self.factors[name]
-            return torch.bmm(g, a.transpose(1, 2)).reshape(self.n, *shape)
+            g, at = self.factors[name]
+            return torch.bmm(g, at).reshape(self.n, *shape)
         return torch.zeros((self.n, *shape))
 
     def nbytes(self) -> int:
@@ -308,16 +310,13 @@ def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: 
         return
     w = mod.weight
     rows, cols = w.shape[0], w[0].numel()
-    if isinstance(mod, nn.Linear):
-        gf, af = g.reshape(n, -1, rows).transpose(1, 2), a.reshape(n, -1, cols).transpose(1, 2)
-    else:
-        gf = g.reshape(n, rows, -1)
-        af = None
+    linear = isinstance(mod, nn.Linear)
+    gf = g.reshape(n, -1, rows).transpose(1, 2) if linear else g.reshape(n, rows, -1)
     if _factor_pays(mod, rows, cols, gf.shape[-1]):
-        af = _conv_unfold(mod, a) if af is None else af
-        if af.shape[-1] != gf.shape[-1]:
-            raise NotCovered(f"{type(mod).__name__}: {gf.shape[-1]} output locations but {af.shape[-1]} input patches")
-        out.factors[name] = (gf, af)
+        at = a.reshape(n, -1, cols) if linear else _conv_unfold(mod, a).transpose(1, 2)
+        if at.shape[1] != gf.shape[-1]:
+            raise NotCovered(f"{type(mod).__name__}: {gf.shape[-1]} output locations but {at.shape[1]} input patches")
+        out.factors[name] = (gf.contiguous(), at.contiguous())
         return
     dense = torch.empty((n, *w.shape), dtype=g.dtype, device=g.device)
     for sl, rws, blk in _weight_blocks(mod, a, g, None, _BLOCK_NUMEL, _DEFAULT_CHUNK_BYTES):
@@ -371,13 +370,13 @@ class _Offsets:
         n = x.shape[0]
         if name in self.d.factors:
             out = func(x, w, None, stride, padding, dilation, groups)
-            g, a = self.d.factors[name]
+            g, at = self.d.factors[name]
             # K_i = A_i^T unfold(x_i) as a convolution of x_i with the L patches of A_i as filters
             # (one grouped convolution over the samples; no unfolded copy of x), then c_i G_i K_i
-            filters = a.transpose(1, 2).reshape(n * a.shape[2], *w.shape[1:])
+            filters = at.reshape(n * at.shape[1], *w.shape[1:])
             k = func(x.reshape(1, n * x.shape[1], *x.shape[2:]), filters, None, stride, padding, dilation, n)
             cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
-            out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, k.reshape(n, a.shape[2], -1)).reshape(out.shape)
+            out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, k.reshape(n, at.shape[1], -1)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
             if ws is None:
@@ -400,9 +399,10 @@ class _Offsets:
         x3 = x.reshape(n, -1, x.shape[-1])
         if name in self.d.factors:
             out = func(x, w, None)
-            g, a = self.d.factors[name]
+            g, at = self.d.factors[name]
             cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
-            out = torch.baddbmm(out.reshape(n, -1, w.shape[0]), torch.bmm(x3, a), cg.transpose(1, 2)).reshape(out.shape)
+            k = torch.bmm(x3, at.transpose(1, 2))  # (n, T', L)
+            out = torch.baddbmm(out.reshape(n, -1, w.shape[0]), k, cg.transpose(1, 2)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
             if ws is None:
