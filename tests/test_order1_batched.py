@@ -26,7 +26,11 @@ from captum_normgrad._per_sample_grads import NotCovered, SampleGrads, batched_p
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_order1_trust import naive_order1, rel, tv_model  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is all zero.*:UserWarning", "ignore:.*increased the loss.*")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is all zero.*:UserWarning",
+    "ignore:.*increased the loss.*",
+    "ignore:Using padding='same' with even kernel lengths:UserWarning",  # torch's own note
+)
 
 
 def images(n: int, size: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -335,3 +339,56 @@ def test_each_pass_frees_its_graph_without_waiting_for_the_garbage_collector() -
     finally:
         gc.enable()
         handle.remove()
+
+
+# ----------------------------------------------------------------- property: any conv, per-sample parameters
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cin=st.sampled_from([2, 4]),
+    cout=st.sampled_from([4, 24]),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1, "same"]),
+    dilation=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    size=st.integers(5, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_property_conv_with_per_sample_parameters_equals_one_at_a_time(
+    cin, cout, kernel, stride, padding, dilation, groups, mode, size, seed
+) -> None:
+    """For any Conv2d (dense or factored offset, any padding mode), a batched pass with parameters
+    theta + c_i D_i gives each sample's output and parameter gradients of a batch-1 pass with
+    those parameters (float64)."""
+    if padding == "same" and stride != 1:
+        padding = 1
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     padding_mode=mode)
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, 3)).double().eval()
+    n = 3
+    x = torch.randn(n, cin, size, size, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    loss = lambda o: F.cross_entropy(o, y, reduction="none")  # noqa: E731
+
+    def run(offsets):
+        leaf = x.clone().requires_grad_()
+        return batched_pass(model, theta, list(theta), lambda: functional_call(model, theta, (leaf.clone(),)), loss,
+                            leaves=[leaf], offsets=offsets, collect=True)
+
+    _, _, _, d = run(None)
+    c = torch.randn(n, dtype=torch.float64)
+    out, _, _, v = run((d, c))
+    shifted = {k: t.unsqueeze(0) + c.reshape(-1, *[1] * t.dim()) * d.expanded(k, t.shape) for k, t in theta.items()}
+    ref = _per_sample_reference(model, shifted, x, y)
+    for i in range(n):
+        alone = functional_call(model, {k: s[i] for k, s in shifted.items()}, (x[i : i + 1],))
+        assert rel(out[i : i + 1], alone) < 1e-11
+    for k, t in theta.items():
+        assert rel(v.expanded(k, t.shape), ref[k]) < 1e-10, (k, "factored" if k in v.factors else "dense")
