@@ -259,15 +259,14 @@ class SampleGrads:
 
     Args:
         n (int): the number of samples.
+        like (Tensor, optional): a tensor with the device and dtype of the gradients (for zeros).
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, like: Optional[Tensor] = None) -> None:
         self.n = n
+        self.factory: Dict[str, Any] = {} if like is None else {"device": like.device, "dtype": like.dtype}
         self.dense: Dict[str, Tensor] = {}
         self.factors: Dict[str, Tuple[Tensor, Tensor]] = {}
-
-    def names(self) -> List[str]:
-        return list(self.dense) + list(self.factors)
 
     def sq_norms(self) -> Tensor:
         """``||grad_i||^2`` summed over all parameters, ``(n,)``; a factored weight uses
@@ -278,7 +277,7 @@ class SampleGrads:
             for g, at in self.factors.values()
         ]
         if not parts:
-            return torch.zeros(self.n)
+            return torch.zeros(self.n, **self.factory)
         return torch.stack(parts).sum(0)
 
     def expanded(self, name: str, shape: Sequence[int]) -> Tensor:
@@ -288,11 +287,7 @@ class SampleGrads:
         if name in self.factors:
             g, at = self.factors[name]
             return torch.bmm(g, at).reshape(self.n, *shape)
-        return torch.zeros((self.n, *shape))
-
-    def nbytes(self) -> int:
-        tensors = list(self.dense.values()) + [t for ga in self.factors.values() for t in ga]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return torch.zeros((self.n, *shape), **self.factory)
 
 
 def _factor_pays(mod: Any, rows: int, cols: int, locations: int) -> bool:
@@ -727,7 +722,7 @@ def batched_pass(
             hooks.check()
             losses = per_sample_losses(out)
             if collect:
-                grads = SampleGrads(losses.shape[0])
+                grads = SampleGrads(losses.shape[0], like=losses)
             extra = hooks.targets(leaves) if collect else []
             want = list(wrt) + extra
             gs = torch.autograd.grad(losses.sum(), want, allow_unused=True) if want else ()

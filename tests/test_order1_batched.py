@@ -209,9 +209,9 @@ def test_engine_refuses_a_module_called_twice() -> None:
 
 
 def test_sample_grads_without_entries_are_zero() -> None:
-    g = SampleGrads(2)
-    assert g.sq_norms().tolist() == [0.0, 0.0]
-    assert g.expanded("w", (3,)).abs().sum() == 0
+    g = SampleGrads(2, like=torch.zeros(1, dtype=torch.float64))
+    assert g.sq_norms().tolist() == [0.0, 0.0] and g.sq_norms().dtype == torch.float64
+    assert g.expanded("w", (3,)).abs().sum() == 0 and g.expanded("w", (3,)).dtype == torch.float64
 
 
 # ----------------------------------------------------------------- when the batched engine steps aside
