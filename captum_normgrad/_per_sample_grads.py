@@ -52,6 +52,8 @@ __all__ = [
     "per_sample_grads",
     "SampleGrads",
     "batched_pass",
+    "same_outputs",
+    "check_independent",
 ]
 
 #: Module types (exact types, not subclasses) whose ``weight``/``bias`` are served.
@@ -77,6 +79,21 @@ _DIRECT_MIN_LOCATIONS = 512
 
 class NotCovered(RuntimeError):
     """The activation x backprop form does not cover this model/parameter set (use a fallback)."""
+
+
+def same_outputs(a: Tensor, b: Tensor) -> bool:
+    """Two computations of the same outputs agree (to the round-off of their dtype, relative to ``b``'s scale)."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    tol = 1e-3 if b.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1e-12)))
+
+
+def check_independent(first: Tensor, alone: Tensor) -> None:
+    """Batched engines assume the samples do not interact: the first sample's output in the batch
+    (``first``, batch dim 1) must equal its output alone, or :class:`NotCovered` is raised (a model
+    that mixes the samples, e.g. normalising over the batch, needs a per-sample loop)."""
+    if first.shape != alone.shape or not same_outputs(first.to(alone.dtype), alone):
+        raise NotCovered("the model mixes the samples of a batch (its first output differs from that example alone)")
 
 
 def training_mode_offenders(model: nn.Module) -> List[str]:
@@ -323,6 +340,7 @@ def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: 
 #: per-sample weights as one grouped convolution (else a loop of batch-1 convolutions): measured on
 #: resnet18's layers, CPU (``benchmarks/bench_order1.py`` notes)
 _GROUPED_MIN_CHANNELS = 16
+_GROUPED_WEIGHT_GRADS = True
 _GROUPED_MIN_LOCATIONS = 64
 
 
@@ -336,10 +354,15 @@ class _Offsets:
     parameters. A dense offset of a conv runs as one grouped convolution (or batch-1 convolutions);
     a factored one as the shared operation plus the low-rank correction ``c_i G_i (A_i^T x_i)``."""
 
-    def __init__(self, direction: SampleGrads, coef: Tensor, name_of: Dict[int, str]) -> None:
+    def __init__(
+        self, direction: SampleGrads, coef: Tensor, name_of: Dict[int, str], leaves: Optional[Dict[str, Tensor]] = None
+    ) -> None:
         self.d = direction
         self.coef = coef
         self.name_of = name_of  # id(parameter tensor) -> name
+        # collecting: the per-sample weights of grouped convolutions are made leaves, and autograd's
+        # weight gradient of the grouped convolution is the per-sample gradient (one kernel)
+        self.leaves = leaves
 
     def _shift(self, name: Optional[str], p: Optional[Tensor]) -> Optional[Tensor]:
         """``p + c_i D_i`` per sample ``(n, *p.shape)``, or None where the offset is zero."""
@@ -374,11 +397,17 @@ class _Offsets:
             out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, k.reshape(n, at.shape[1], -1)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
-            if ws is None:
-                out = func(x, w, None, stride, padding, dilation, groups)
-            elif x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
+            grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
                 stride if isinstance(stride, int) else math.prod(stride)
-            ):
+            )
+            if grouped and self.leaves is not None and name is not None and _GROUPED_WEIGHT_GRADS:
+                ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
+                self.leaves[name] = ws
+            if ws is None:
+                if not any(t is not None and id(t) in self.name_of for t in (w, bias)):
+                    return func(*args, **kwargs)
+                out = func(x, w, None, stride, padding, dilation, groups)
+            elif grouped:
                 # one grouped convolution: the samples become groups
                 flat = x.reshape(1, n * x.shape[1], *x.shape[2:])
                 out = func(flat, ws.reshape(-1, *w.shape[1:]), None, stride, padding, dilation, groups * n)
@@ -401,6 +430,8 @@ class _Offsets:
         else:
             ws = self._shift(name, w)
             if ws is None:
+                if bias is None or self._shift(self.name_of.get(id(bias)), bias) is None:
+                    return func(*args, **kwargs)
                 out = func(x, w, None)
             else:
                 out = torch.bmm(x3, ws.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[0])
@@ -416,6 +447,8 @@ class _Offsets:
         r = torch.rsqrt(var + eps)
         ws = self._shift(self.name_of.get(id(w)), w) if w is not None else None
         bs = self._shift(self.name_of.get(id(bias)), bias) if bias is not None else None
+        if ws is None and bs is None:
+            return func(*args, **kwargs)
         scale = (ws if ws is not None else (w if w is not None else torch.ones_like(r)).expand(n, c)) * r
         shift = (
             bs if bs is not None else (bias if bias is not None else torch.zeros_like(r)).expand(n, c)
@@ -485,6 +518,7 @@ class _PassHooks:
         create_graph: bool = False,
         tensors: Optional[Dict[str, Tensor]] = None,
         offsets: Optional[Tuple[SampleGrads, Tensor]] = None,
+        leaves: Optional[Dict[str, Tensor]] = None,
     ) -> None:
         owners = _owners(model, names)
         self.by_module: Dict[int, Tuple[nn.Module, List[Tuple[str, str]]]] = {}
@@ -498,7 +532,7 @@ class _PassHooks:
         owner_of = {id(held[name]): id(mod) for name, (_, mod, attr) in owners.items()}
         off = None
         if offsets is not None:
-            off = _Offsets(offsets[0], offsets[1], {id(t): name for name, t in held.items()})
+            off = _Offsets(offsets[0], offsets[1], {id(t): name for name, t in held.items()}, leaves)
         self.watcher = _UseWatcher(owner_of, off)
         self.on_grad = on_grad
         self.create_graph = create_graph
@@ -646,12 +680,18 @@ def per_sample_grads(
 
     if not inputs.is_floating_point():
         raise NotCovered(f"inputs of dtype {inputs.dtype} cannot carry the backward pass")
+    alone = None
+    if inputs.shape[0] > 1:
+        with torch.no_grad():
+            alone = model(inputs[:1].detach().clone())
     with _PassHooks(model, names, on_grad, create_graph) as hooks:
         leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
         with torch.enable_grad():
             x = leaf.clone()  # not a leaf: a model may modify its input in place
             out = model(x)
             hooks.check()
+            if alone is not None:
+                check_independent(out[:1].detach(), alone)
             losses = per_sample_losses(out)
             if losses.shape != (x.shape[0],):
                 raise ValueError(f"per-sample losses must have shape ({x.shape[0]},), got {tuple(losses.shape)}")
@@ -710,13 +750,25 @@ def batched_pass(
                     the layout is not batch-first.
     """
     grads: Optional[SampleGrads] = None
+    weight_leaves: Dict[str, Tensor] = {}
 
     def on_grad(mod: nn.Module, served: List[Tuple[str, str]], a: Tensor, g: Tensor) -> None:
         assert grads is not None
         for name, attr in served:
-            _collect(mod, attr, a, g, grads, name)
+            if name not in weight_leaves:
+                _collect(mod, attr, a, g, grads, name)
 
-    with _PassHooks(model, names, on_grad if collect else None, tensors=tensors, offsets=offsets) as hooks:
+    if collect and offsets is None and _GROUPED_WEIGHT_GRADS:
+        # no offsets, but grouped convolutions still give their per-sample weight gradients
+        offsets = (SampleGrads(0), torch.zeros(0))
+    with _PassHooks(
+        model,
+        names,
+        on_grad if collect else None,
+        tensors=tensors,
+        offsets=offsets,
+        leaves=weight_leaves if collect else None,
+    ) as hooks:
         with torch.enable_grad():
             out = forward()
             hooks.check()
@@ -724,7 +776,11 @@ def batched_pass(
             if collect:
                 grads = SampleGrads(losses.shape[0], like=losses)
             extra = hooks.targets(leaves) if collect else []
-            want = list(wrt) + extra
+            lv = list(weight_leaves.items())
+            want = list(wrt) + extra + [t for _, t in lv]
             gs = torch.autograd.grad(losses.sum(), want, allow_unused=True) if want else ()
+    if grads is not None:
+        for (name, leaf), g in zip(lv, gs[len(gs) - len(lv) :]):
+            grads.dense[name] = torch.zeros_like(leaf) if g is None else g
     result = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs[: len(wrt)]))
     return out.detach(), losses.detach(), result, grads

@@ -23,7 +23,7 @@ from ._functional import (
     per_example_cross_entropy,
     per_example_flags,
 )
-from ._per_sample_grads import training_mode_offenders
+from ._per_sample_grads import check_independent, same_outputs, training_mode_offenders
 
 __all__ = ["LayerNormGradOrder1", "per_sample_cross_entropy"]
 
@@ -35,13 +35,6 @@ def per_sample_cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
     """Per-sample cross-entropy ``(N, K), (N,) -> (N,)``: the default loss of order-1 NormGrad (and of
     parameter saliency: the package's one per-example loss, :mod:`captum_normgrad._functional`)."""
     return per_example_cross_entropy(outputs, target)
-
-
-def _same_outputs(a: Tensor, b: Tensor) -> bool:
-    """Two computations of the same outputs agree (to the round-off of their dtype, relative to ``b``'s scale)."""
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    tol = 1e-3 if b.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    return bool(torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1e-12)))
 
 
 def _target_rows(target: TargetType, shape: Tuple[int, ...], device: torch.device) -> Tensor:
@@ -460,11 +453,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         if psm.strategy != "batched" or self._probe_checked:
             return
         self._probe_checked = True
-        alone = self._probe_out.to(outs.dtype)[0]
-        if outs.shape[1:] != alone.shape or not _same_outputs(outs[0], alone):
-            raise NotCovered(
-                "the model mixes the samples of a batch (its first output differs from that example alone)"
-            )
+        check_independent(outs[:1], self._probe_out.to(outs.dtype))
 
     @staticmethod
     def _check_numbers(epsilon: Any, h: Any, hessian: str) -> None:
@@ -558,7 +547,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                 "additional forward argument is split per example when it is shared (or the reverse); pass "
                 f"per_example_args=[...] (one bool per argument; now {list(psm.batched_extra)})"
             )
-        if not _same_outputs(outs.to(batched.dtype), batched):
+        if not same_outputs(outs.to(batched.dtype), batched):
             raise ValueError(
                 "the per-example outputs differ from one batched forward pass: an additional forward "
                 "argument is split per example when it is shared by the batch (e.g. a (C,) gate or a (T, T) "

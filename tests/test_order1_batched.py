@@ -392,3 +392,19 @@ def test_property_conv_with_per_sample_parameters_equals_one_at_a_time(
         assert rel(out[i : i + 1], alone) < 1e-11
     for k, t in theta.items():
         assert rel(v.expanded(k, t.shape), ref[k]) < 1e-10, (k, "factored" if k in v.factors else "dense")
+
+
+def test_parameter_saliency_batched_engine_detects_mixing_models_too() -> None:
+    """The same independence check guards the profiles' batched engine: a model that mixes the samples
+    gets the exact per-sample engine under 'auto', and an explicit 'batched' names the cause."""
+    from captum_normgrad import ParameterSaliency
+
+    torch.manual_seed(0)
+    model = Mixer().double().eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0])
+    auto = ParameterSaliency(model, mode="naive").profiles(x, y)
+    loop = ParameterSaliency(model, mode="naive", strategy="loop").profiles(x, y)
+    assert rel(auto, loop) < 1e-12
+    with pytest.raises(ValueError, match="strategy='batched' cannot serve this model .*mixes the samples"):
+        ParameterSaliency(model, mode="naive", strategy="batched").profiles(x, y)

@@ -372,9 +372,11 @@ class ParameterSaliency:
         if engine == "batched":
             try:
                 return self._batched(x, y, create_graph)
-            except NotCovered:
+            except NotCovered as exc:
                 if self.strategy == "batched":
-                    raise
+                    raise ValueError(
+                        f"strategy='batched' cannot serve this model ({exc}); use strategy='auto' (exact fallbacks)"
+                    ) from None
                 engine = "loop" if backward_hook_owners(self.model) else "vmap"
         self._check_classes(sel, fixed, x, y)
         if engine == "loop":
