@@ -337,10 +337,11 @@ def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: 
 
 
 #: conv layers with at least this many input channels per group and output locations run
-#: per-sample weights as one grouped convolution (else a loop of batch-1 convolutions): measured on
-#: resnet18's layers, CPU (``benchmarks/bench_order1.py`` notes)
+#: per-sample weights as one grouped convolution (else a loop of batch-1 convolutions, e.g. the
+#: 3-channel stem): chosen from per-layer timings of resnet18 on a 2-core CPU, where grouped
+#: convolutions matched the shared convolution on layer1/layer2 and lost by 8x on layer4 (which
+#: is factored instead)
 _GROUPED_MIN_CHANNELS = 16
-_GROUPED_WEIGHT_GRADS = True
 _GROUPED_MIN_LOCATIONS = 64
 
 
@@ -400,7 +401,7 @@ class _Offsets:
             grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
                 stride if isinstance(stride, int) else math.prod(stride)
             )
-            if grouped and self.leaves is not None and name is not None and _GROUPED_WEIGHT_GRADS:
+            if grouped and self.leaves is not None and name is not None:
                 ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
                 self.leaves[name] = ws
             if ws is None:
@@ -758,7 +759,7 @@ def batched_pass(
             if name not in weight_leaves:
                 _collect(mod, attr, a, g, grads, name)
 
-    if collect and offsets is None and _GROUPED_WEIGHT_GRADS:
+    if collect and offsets is None:
         # no offsets, but grouped convolutions still give their per-sample weight gradients
         offsets = (SampleGrads(0), torch.zeros(0))
     with _PassHooks(

@@ -368,7 +368,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             batch_loss=self.loss_fn is None,
         )
         device = next(iter(psm.trainable.values())).device
-        fallback = "vmap" if device.type == "cuda" else "loop"
+        # where the batched strategy does not apply: vmap on CUDA, unless torch.func cannot run the model's hooks
+        fallback = "vmap" if device.type == "cuda" and not backward_hook_owners(self.model) else "loop"
         psm.strategy = "batched" if strategy == "auto" else strategy
         if psm.strategy == "vmap":
             hooked = backward_hook_owners(self.model)
@@ -377,8 +378,8 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                     f"the model carries backward hooks (on {', '.join(hooked[:3])}), which torch.func's vmap does "
                     "not support; use strategy='loop' (same maps, plain autograd)"
                 )
-        options = (epsilon, adversarial, hessian, h, compute_dtype, layers, virtual_layer, aggregation)
-        options2 = (weights_grid, channel_dim, attr_dim_summation)
+        options: Tuple[Any, ...] = (epsilon, adversarial, hessian, h, compute_dtype, layers, virtual_layer)
+        options += (aggregation, weights_grid, channel_dim, attr_dim_summation)
 
         with psm.hooked():
             # one forward pass of one example: layer call counts and shapes, and the output shape
@@ -396,12 +397,12 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                         raise ValueError(f"strategy='batched' cannot serve this call: {problem}; use strategy='loop'")
                     psm.strategy = fallback
             try:
-                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options, options2)
+                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options)
             except NotCovered as exc:
                 if strategy == "batched":
                     raise ValueError(f"strategy='batched' cannot serve this call: {exc}; use strategy='loop'") from None
                 psm.strategy = fallback
-                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options, options2)
+                per_slot = self._all_chunks(psm, inputs_t, extra, targets, n, chunk_size, options)
             if psm.strategy != "batched" and any(isinstance(e, Tensor) for e in extra):
                 outs = torch.cat([o.to(self._outs[0].dtype) for o in self._outs])
                 self._check_per_example(psm, inputs_t, extra, outs, psm.trainable)
@@ -434,7 +435,6 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         n: int,
         chunk_size: Optional[int],
         options: Tuple[Any, ...],
-        options2: Tuple[Any, ...],
     ) -> List[List[Tensor]]:
         """The maps of all examples, chunk by chunk (one list of chunk maps per slot)."""
         chunk = 1 if psm.strategy == "loop" else (chunk_size or self._auto_chunk(psm, n))
@@ -442,7 +442,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         self._outs = []
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))
-            res = self._chunk_with_dtype(psm, inputs_t, extra, targets, sl, *options, *options2)
+            res = self._chunk_with_dtype(psm, inputs_t, extra, targets, sl, *options)
             for j, m in enumerate(res):
                 per_slot[j].append(m)
         return per_slot

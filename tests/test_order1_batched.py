@@ -408,3 +408,18 @@ def test_parameter_saliency_batched_engine_detects_mixing_models_too() -> None:
     assert rel(auto, loop) < 1e-12
     with pytest.raises(ValueError, match="strategy='batched' cannot serve this model .*mixes the samples"):
         ParameterSaliency(model, mode="naive", strategy="batched").profiles(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fallback_is_the_loop_when_the_model_has_backward_hooks() -> None:
+    """On CUDA the fallback is vmap, except for models with backward hooks (torch.func cannot run them)."""
+    torch.manual_seed(0)
+    model = LN().double().eval().cuda()
+    handle = model.conv.register_full_backward_hook(lambda m, gi, go: None)
+    try:
+        x = torch.randn(3, 3, 6, 6, dtype=torch.float64, device="cuda")
+        attr = order1(model, "conv", "auto")
+        attr.attribute(x, [0, 1, 2], epsilon=5e-2)
+        assert attr.last_strategy == "loop"
+    finally:
+        handle.remove()
