@@ -27,7 +27,17 @@ This module is plumbing: it knows nothing of saliency. It gives
   removed), never writes ``.grad``, ``.data`` or buffers, and watches (with a
   :class:`~torch.overrides.TorchFunctionMode`) that every parameter it serves is used by its own
   module's ``forward`` and only once per pass; otherwise it raises :class:`NotCovered` so that the
-  caller can use an exact fallback (a functional ``vmap`` or a per-sample loop).
+  caller can use an exact fallback (a functional ``vmap`` or a per-sample loop);
+* :func:`batched_pass` and :class:`SampleGrads`: a batched pass in which sample ``i`` runs with its
+  own parameters ``theta + c_i D_i`` (``D`` per-sample gradients of an earlier pass, dense, or
+  factored ``G_i A_i^T`` where a layer has few locations), applied inside the served modules'
+  own operations (grouped convolutions, low-rank corrections, per-sample BatchNorm affine maps),
+  and which can collect the per-sample gradients at those parameters: what order-1 NormGrad's
+  four per-sample passes need, at the cost of batched passes;
+* :func:`check_independent`: the batched engines' check that the samples do not interact (the
+  first sample's output in the batch equals its output alone).
+
+The hooks of both engines live in one place (:class:`_PassHooks`).
 
 With ``create_graph=True`` the gradients are built from differentiable operations (unfold, einsum,
 products), so a function of them can be differentiated again, e.g. with respect to the input.
