@@ -423,3 +423,27 @@ def test_cuda_fallback_is_the_loop_when_the_model_has_backward_hooks() -> None:
         assert attr.last_strategy == "loop"
     finally:
         handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, layer, expected",
+    [
+        ("efficientnet_b0", "features.3", "batched"),  # SiLU, squeeze-excitation convs on 1x1 maps
+        ("shufflenet_v2_x0_5", "stage3", "batched"),  # channel shuffle, depthwise convs
+        ("googlenet", "inception4a", "batched"),  # parallel branches, concatenation
+        ("regnet_x_400mf", "trunk_output.block2", "batched"),  # grouped convs
+        ("convnext_tiny", "features.3", "loop"),  # LayerNorm: not served, the loop runs
+    ],
+)
+def test_more_torchvision_architectures_equal_the_loop(name: str, layer: str, expected: str) -> None:
+    torch.manual_seed(0)
+    kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(num_classes=5, **kw).double().eval()
+    x, t = images(2, 64, 12), [1, 3]
+    auto = order1(model, layer, "auto")
+    got = auto.attribute(x, t, epsilon=5e-2)
+    assert auto.last_strategy == expected
+    ref = order1(model, layer, "loop").attribute(x, t, epsilon=5e-2)
+    assert ref.abs().max() > 0
+    assert rel(got, ref) < 1e-10
