@@ -471,11 +471,12 @@ class PerSampleModel:
 
     @staticmethod
     def sq_norms(direction: Any) -> Tensor:
-        """``||direction_i||^2`` per sample."""
-        if isinstance(direction, SampleGrads):
-            return direction.sq_norms()
-        m = next(iter(direction.values())).shape[0]
-        return sum(t.reshape(m, -1).square().sum(1) for t in direction.values())  # type: ignore[return-value]
+        """``||direction_i||^2`` per sample (a parameter dictionary is read as dense :class:`SampleGrads`)."""
+        if not isinstance(direction, SampleGrads):
+            first = next(iter(direction.values()))
+            dense, direction = direction, SampleGrads(first.shape[0], like=first)
+            direction.dense = dict(dense)
+        return direction.sq_norms()
 
     def _batched(
         self,

@@ -542,8 +542,11 @@ class _PassHooks:
         }
         owner_of = {id(held[name]): id(mod) for name, (_, mod, attr) in owners.items()}
         off = None
-        if offsets is not None:
-            off = _Offsets(offsets[0], offsets[1], {id(t): name for name, t in held.items()}, leaves)
+        if offsets is not None or leaves is not None:
+            # with leaves but no offsets, the served operations are intercepted all the same:
+            # grouped convolutions give their per-sample weight gradients
+            direction, coef = offsets if offsets is not None else (SampleGrads(0), torch.zeros(0))
+            off = _Offsets(direction, coef, {id(t): name for name, t in held.items()}, leaves)
         self.watcher = _UseWatcher(owner_of, off)
         self.on_grad = on_grad
         self.create_graph = create_graph
@@ -769,9 +772,6 @@ def batched_pass(
             if name not in weight_leaves:
                 _collect(mod, attr, a, g, grads, name)
 
-    if collect and offsets is None:
-        # no offsets, but grouped convolutions still give their per-sample weight gradients
-        offsets = (SampleGrads(0), torch.zeros(0))
     with _PassHooks(
         model,
         names,
