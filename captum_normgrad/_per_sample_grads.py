@@ -272,15 +272,97 @@ def _small_grads(mod: Any, attr: str, a: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- per-sample parameters
 
 
+class _Patches:
+    r"""The input patches ``A_i^T`` ``(n, L, cols)`` of one Conv1d/Conv2d/Linear layer (one patch of
+    ``cols`` numbers per output location), **kept as the layer's input** ``a`` and never unfolded.
+
+    A convolution's correction needs ``K_i = A_i^T unfold(x_i)`` ``(L, L_x)``: the dot products of
+    every patch of ``a_i`` with every patch of a new input ``x_i``. A patch dot product is the sum,
+    over the ``k`` kernel offsets, of the channel dot products of two pixels, so ``K`` is ``k``
+    shifted slices of the pixel Gram matrix ``M_i = a_i^T x_i`` (over the padded images; with stride
+    ``s`` only pixels of the same phase modulo ``s`` meet, so ``M`` is built per phase): about ``k``
+    times fewer operations than correlating the patches, and ``a`` takes ``k`` times less memory than
+    its unfolded patches. For a Linear layer the patches are the tokens themselves.
+    """
+
+    def __init__(self, mod: Any, a: Tensor, locations: int) -> None:
+        self.mod = mod
+        self.a = a
+        self.linear = isinstance(mod, nn.Linear)
+        if self.linear:
+            self.rows_of_a = a.reshape(a.shape[0], -1, mod.weight.shape[1])
+            found = self.rows_of_a.shape[1]
+        else:
+            self.conv1d = isinstance(mod, nn.Conv1d)
+            two = (lambda t: (1, *t)) if self.conv1d else (lambda t: tuple(t))
+            self.kernel, self.stride, self.dilation = two(mod.kernel_size), two(mod.stride), two(mod.dilation)
+            self.pads = list(mod._reversed_padding_repeated_twice) + ([0, 0] if self.conv1d else [])
+            self.mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+            self.padded_shape = self._padded(a).shape[1:]
+            hp, wp = self.padded_shape[-2:]
+            self.out_hw = tuple(
+                (size - d * (k - 1) - 1) // s + 1
+                for size, d, k, s in zip((hp, wp), self.dilation, self.kernel, self.stride)
+            )
+            found = self.out_hw[0] * self.out_hw[1]
+            self._a_phases: Dict[Tuple[int, int], Tensor] = {}
+        if found != locations:
+            raise NotCovered(f"{type(mod).__name__}: {locations} output locations but {found} input patches")
+
+    def _padded(self, t: Tensor, op_input: bool = False) -> Tensor:
+        t = t.unsqueeze(-2) if self.conv1d else t
+        if op_input and self.mode != "constant":
+            return t  # the module padded its input itself (reflect, circular...) before the operation
+        return F.pad(t, self.pads, mode=self.mode) if any(self.pads) else t
+
+    def _phase(self, t: Tensor, cy: int, cx: int) -> Tensor:
+        """The pixels of phase ``(cy, cx)`` modulo the stride, ``(n, C, P)``."""
+        sy, sx = self.stride
+        return t[:, :, cy::sy, cx::sx].reshape(t.shape[0], t.shape[1], -1)
+
+    def gram(self, x: Tensor, op_input: bool = False) -> Tensor:
+        """``A_i^T unfold(x_i)`` per sample, ``(n, L, L_x)``, for an input ``x`` of the same layer
+        (``op_input``: ``x`` is the input of the convolution operation, after the module's own
+        padding where its padding mode is not zeros)."""
+        n = x.shape[0]
+        if self.linear:
+            return torch.bmm(self.rows_of_a, x.reshape(n, -1, x.shape[-1]).transpose(1, 2))
+        xp = self._padded(x, op_input)
+        if xp.shape[1:] != self.padded_shape:
+            raise NotCovered(f"{type(self.mod).__name__}: the layer input changed shape between passes")
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel, self.stride, self.dilation
+        ho, wo = self.out_hw
+        grams: Dict[Tuple[int, int], Tensor] = {}
+        total: Optional[Tensor] = None
+        for ky in range(kh):
+            for kx in range(kw):
+                (oy, cy), (ox, cx) = divmod(ky * dy, sy), divmod(kx * dx, sx)
+                if (cy, cx) not in grams:
+                    if (cy, cx) not in self._a_phases:
+                        self._a_phases[cy, cx] = self._phase(self._padded(self.a), cy, cx).transpose(1, 2)
+                    xc = xp[:, :, cy::sy, cx::sx]
+                    m = torch.bmm(self._a_phases[cy, cx], xc.reshape(n, xc.shape[1], -1))
+                    grams[cy, cx] = m.view(n, xc.shape[2], xc.shape[3], xc.shape[2], xc.shape[3])
+                part = grams[cy, cx][:, oy : oy + ho, ox : ox + wo, oy : oy + ho, ox : ox + wo]
+                total = part if total is None else total + part
+        assert total is not None
+        return total.reshape(n, ho * wo, ho * wo)
+
+    def matrix(self) -> Tensor:
+        """The patches themselves, ``(n, L, cols)`` (unfolded: for a dense expansion only)."""
+        return self.rows_of_a if self.linear else _conv_unfold(self.mod, self.a).transpose(1, 2)
+
+
 class SampleGrads:
     r"""Per-sample gradients of a set of parameters from one batched pass (activation x backprop).
 
     The weight of a Conv/Linear layer with few output locations is kept **factored**:
     ``grad_i = G_i A_i^T`` with ``G_i`` ``(rows, L)`` the output gradient and ``A_i`` ``(cols, L)``
-    the (unfolded) input over the layer's ``L`` locations, stored as ``(G, A^T)``: ``A^T`` ``(L, cols)``
-    holds one input patch per row, the layout of convolution filters. That is far smaller than the
-    dense gradient where ``L`` is small (resnet18's ``layer4`` at 112 px: 16 locations, 41x smaller),
-    and it applies to a new input ``x`` as ``G_i (A_i^T x)``, a low-rank product. Every other gradient
+    the (unfolded) input over the layer's ``L`` locations, stored as ``(G, patches)`` where the
+    patches (:class:`_Patches`) are the layer's input itself. That is far smaller than the dense
+    gradient where ``L`` is small (resnet18's ``layer4`` at 112 px: 16 locations, 41x smaller), and
+    it applies to a new input ``x`` as ``G_i (A_i^T unfold(x_i))``, a low-rank product whose middle
+    factor comes from pixel Gram matrices. Every other gradient
     is dense, ``(n, *shape)``. A parameter whose module was not reached has no entry: its gradient is
     zero.
 
@@ -293,15 +375,15 @@ class SampleGrads:
         self.n = n
         self.factory: Dict[str, Any] = {} if like is None else {"device": like.device, "dtype": like.dtype}
         self.dense: Dict[str, Tensor] = {}
-        self.factors: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.factors: Dict[str, Tuple[Tensor, _Patches]] = {}
 
     def sq_norms(self) -> Tensor:
         """``||grad_i||^2`` summed over all parameters, ``(n,)``; a factored weight uses
         ``||G A^T||_F^2 = sum((G^T G) * (A^T A))`` and is never expanded."""
         parts = [d.reshape(self.n, -1).square().sum(1) for d in self.dense.values()]
         parts += [
-            (torch.bmm(g.transpose(1, 2), g) * torch.bmm(at, at.transpose(1, 2))).sum((1, 2))
-            for g, at in self.factors.values()
+            (torch.bmm(g.transpose(1, 2), g) * patches.gram(patches.a)).sum((1, 2))
+            for g, patches in self.factors.values()
         ]
         if not parts:
             return torch.zeros(self.n, **self.factory)
@@ -312,8 +394,8 @@ class SampleGrads:
         if name in self.dense:
             return self.dense[name]
         if name in self.factors:
-            g, at = self.factors[name]
-            return torch.bmm(g, at).reshape(self.n, *shape)
+            g, patches = self.factors[name]
+            return torch.bmm(g, patches.matrix()).reshape(self.n, *shape)
         return torch.zeros((self.n, *shape), **self.factory)
 
 
@@ -335,10 +417,7 @@ def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: 
     linear = isinstance(mod, nn.Linear)
     gf = g.reshape(n, -1, rows).transpose(1, 2) if linear else g.reshape(n, rows, -1)
     if _factor_pays(mod, rows, cols, gf.shape[-1]):
-        at = a.reshape(n, -1, cols) if linear else _conv_unfold(mod, a).transpose(1, 2)
-        if at.shape[1] != gf.shape[-1]:
-            raise NotCovered(f"{type(mod).__name__}: {gf.shape[-1]} output locations but {at.shape[1]} input patches")
-        out.factors[name] = (gf.contiguous(), at.contiguous())
+        out.factors[name] = (gf.contiguous(), _Patches(mod, a, gf.shape[-1]))
         return
     dense = torch.empty((n, *w.shape), dtype=g.dtype, device=g.device)
     for sl, rws, blk in _weight_blocks(mod, a, g, None, _BLOCK_NUMEL, _DEFAULT_CHUNK_BYTES):
@@ -399,13 +478,10 @@ class _Offsets:
         n = x.shape[0]
         if name in self.d.factors:
             out = func(x, w, None, stride, padding, dilation, groups)
-            g, at = self.d.factors[name]
-            # K_i = A_i^T unfold(x_i) as a convolution of x_i with the L patches of A_i as filters
-            # (one grouped convolution over the samples; no unfolded copy of x), then c_i G_i K_i
-            filters = at.reshape(n * at.shape[1], *w.shape[1:])
-            k = func(x.reshape(1, n * x.shape[1], *x.shape[2:]), filters, None, stride, padding, dilation, n)
+            g, patches = self.d.factors[name]
+            # c_i G_i K_i with K_i = A_i^T unfold(x_i) from pixel Gram matrices (no unfolded copy of x)
             cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
-            out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, k.reshape(n, at.shape[1], -1)).reshape(out.shape)
+            out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, patches.gram(x, op_input=True)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
             grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
@@ -434,9 +510,9 @@ class _Offsets:
         x3 = x.reshape(n, -1, x.shape[-1])
         if name in self.d.factors:
             out = func(x, w, None)
-            g, at = self.d.factors[name]
+            g, patches = self.d.factors[name]
             cg = g * self.coef.reshape(-1, 1, 1).to(g.dtype)
-            k = torch.bmm(x3, at.transpose(1, 2))  # (n, T', L)
+            k = torch.bmm(x3, patches.matrix().transpose(1, 2))  # (n, T', L)
             out = torch.baddbmm(out.reshape(n, -1, w.shape[0]), k, cg.transpose(1, 2)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
@@ -578,9 +654,15 @@ class _PassHooks:
             return
         served = self.by_module[id(mod)][1]
         a_saved = a if self.create_graph else a.detach()
+        a_version = a._version
 
         def grad_hook(g: Tensor) -> None:
             self.fired.add(id(mod))
+            if a._version != a_version:
+                # the module's input was overwritten after the call: its per-sample gradient is lost
+                if self.watcher.problem is None:
+                    self.watcher.problem = f"the input of {type(mod).__name__} is modified in place after the call"
+                return
             on_grad(mod, served, a_saved, g if self.create_graph else g.detach())
 
         # A tensor hook registered now receives the gradient of this value even if a later
@@ -713,6 +795,7 @@ def per_sample_grads(
             if targets:
                 torch.autograd.grad(losses.sum(), targets, create_graph=create_graph, allow_unused=True)
                 del targets
+            hooks.check()  # an input overwritten in place before its gradient arrived
         # a module never called, or whose output does not reach the loss, has zero gradients
         n = x.shape[0]
         for mod, served in hooks.unreached():
@@ -790,6 +873,7 @@ def batched_pass(
             lv = list(weight_leaves.items())
             want = list(wrt) + extra + [t for _, t in lv]
             gs = torch.autograd.grad(losses.sum(), want, allow_unused=True) if want else ()
+            hooks.check()  # an input overwritten in place before its gradient arrived
     if grads is not None:
         for (name, leaf), g in zip(lv, gs[len(gs) - len(lv) :]):
             grads.dense[name] = torch.zeros_like(leaf) if g is None else g

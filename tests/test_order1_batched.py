@@ -283,6 +283,38 @@ def test_auto_falls_back_to_the_loop_and_batched_names_the_cause(cls, layer, sha
         order1(model, layer, "batched").attribute(x, t, epsilon=5e-2)
 
 
+class Overwrites(nn.Module):
+    """Overwrites a convolution's input in place after the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * 1.0
+        y = self.conv(h)
+        h.mul_(2.0)
+        return self.fc(torch.cat([torch.tanh(y).mean((2, 3)), h.mean((2, 3))], 1))
+
+
+def test_an_input_overwritten_in_place_is_refused_not_misread() -> None:
+    """A per-sample weight gradient reads the layer's input when the output gradient arrives: an input
+    overwritten in place after the call would give silently wrong gradients. The batched engines
+    refuse it with the cause, as plain autograd does."""
+    from captum_normgrad import ParameterSaliency
+
+    torch.manual_seed(0)
+    model = Overwrites().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="strategy='batched' cannot serve this call: .*modified in place"):
+        order1(model, "conv", "batched").attribute(x, [0, 1, 2], epsilon=5e-2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        order1(model, "conv", "loop").attribute(x, [0, 1, 2], epsilon=5e-2)
+    with pytest.raises(ValueError, match="strategy='batched' cannot serve this model .*modified in place"):
+        ParameterSaliency(model, mode="naive", strategy="batched").profiles(x, torch.tensor([0, 1, 2]))
+
+
 def test_exact_hessian_runs_per_sample() -> None:
     model = tv_model("resnet18")
     x, t = images(2, 32, 9), [0, 1]
