@@ -484,16 +484,30 @@ class _Offsets:
             out = torch.baddbmm(out.reshape(n, w.shape[0], -1), cg, patches.gram(x, op_input=True)).reshape(out.shape)
         else:
             ws = self._shift(name, w)
-            grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
-                stride if isinstance(stride, int) else math.prod(stride)
+            strides = (stride,) * (x.dim() - 2) if isinstance(stride, int) else tuple(stride)
+            # a 1x1 convolution without padding is a matrix product over the (strided) locations
+            pointwise = (
+                groups == 1
+                and all(k == 1 for k in w.shape[2:])
+                and (
+                    isinstance(padding, str)  # 'valid' or 'same': no padding for a 1x1 kernel
+                    or all(p == 0 for p in ((padding,) if isinstance(padding, int) else padding))
+                )
             )
-            if grouped and self.leaves is not None and name is not None:
+            grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
+                math.prod(strides)
+            )
+            if (pointwise or grouped) and self.leaves is not None and name is not None:
                 ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
                 self.leaves[name] = ws
             if ws is None:
                 if not any(t is not None and id(t) in self.name_of for t in (w, bias)):
                     return func(*args, **kwargs)
                 out = func(x, w, None, stride, padding, dilation, groups)
+            elif pointwise:
+                xs = x[(slice(None), slice(None), *(slice(None, None, st) for st in strides))]
+                out = torch.bmm(ws.reshape(n, w.shape[0], w.shape[1]), xs.reshape(n, w.shape[1], -1))
+                out = out.reshape(n, w.shape[0], *xs.shape[2:])
             elif grouped:
                 # one grouped convolution: the samples become groups
                 flat = x.reshape(1, n * x.shape[1], *x.shape[2:])
