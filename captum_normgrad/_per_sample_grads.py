@@ -272,23 +272,49 @@ def _small_grads(mod: Any, attr: str, a: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- per-sample parameters
 
 
+class _SliceSum(torch.autograd.Function):
+    """``sum_j m[:, p_j, y_j : y_j + h, x_j : x_j + w, y_j : y_j + h, x_j : x_j + w]`` for pixel Gram
+    matrices ``m`` ``(n, phases, H, W, H, W)``; the backward pass writes the gradient into one zero
+    tensor (autograd's slice rule would allocate a zero tensor of ``m``'s size for every slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, m: Tensor, offsets: List[Tuple[int, int, int]], h: int, w: int) -> Tensor:  # type: ignore[override]
+        ctx.offsets, ctx.hw, ctx.shape = offsets, (h, w), m.shape
+        total: Optional[Tensor] = None
+        for p, y, x in offsets:
+            part = m[:, p, y : y + h, x : x + w, y : y + h, x : x + w]
+            total = part.clone() if total is None else total.add_(part)
+        assert total is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:  # type: ignore[override]
+        h, w = ctx.hw
+        gm = grad.new_zeros(ctx.shape)
+        for p, y, x in ctx.offsets:
+            gm[:, p, y : y + h, x : x + w, y : y + h, x : x + w] += grad
+        return gm, None, None, None
+
+
 class _Patches:
     r"""The input patches ``A_i^T`` ``(n, L, cols)`` of one Conv1d/Conv2d/Linear layer (one patch of
     ``cols`` numbers per output location), **kept as the layer's input** ``a`` and never unfolded.
 
     A convolution's correction needs ``K_i = A_i^T unfold(x_i)`` ``(L, L_x)``: the dot products of
     every patch of ``a_i`` with every patch of a new input ``x_i``. A patch dot product is the sum,
-    over the ``k`` kernel offsets, of the channel dot products of two pixels, so ``K`` is ``k``
-    shifted slices of the pixel Gram matrix ``M_i = a_i^T x_i`` (over the padded images; with stride
-    ``s`` only pixels of the same phase modulo ``s`` meet, so ``M`` is built per phase): about ``k``
-    times fewer operations than correlating the patches, and ``a`` takes ``k`` times less memory than
-    its unfolded patches. For a Linear layer the patches are the tokens themselves.
+    over the ``k`` kernel offsets, of the channel dot products of two pixels, so ``K`` is a sum of
+    ``k`` shifted slices of the pixel Gram matrix ``M_i = a_i^T x_i`` (over the padded images; with
+    stride ``s`` only pixels of the same phase modulo ``s`` meet, so ``M`` is built per phase, all
+    phases in one batched product): about ``k`` times fewer operations than correlating the patches,
+    and ``a`` takes up to ``k`` times less memory than its unfolded patches. For a Linear layer the
+    patches are the tokens themselves.
     """
 
     def __init__(self, mod: Any, a: Tensor, locations: int) -> None:
         self.mod = mod
         self.a = a
         self.linear = isinstance(mod, nn.Linear)
+        self._a_phased: Optional[Tensor] = None
         if self.linear:
             self.rows_of_a = a.reshape(a.shape[0], -1, mod.weight.shape[1])
             found = self.rows_of_a.shape[1]
@@ -300,12 +326,18 @@ class _Patches:
             self.mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
             self.padded_shape = self._padded(a).shape[1:]
             hp, wp = self.padded_shape[-2:]
-            self.out_hw = tuple(
-                (size - d * (k - 1) - 1) // s + 1
-                for size, d, k, s in zip((hp, wp), self.dilation, self.kernel, self.stride)
-            )
+            (kh, kw), (sy, sx), (dy, dx) = self.kernel, self.stride, self.dilation
+            self.out_hw = ((hp - dy * (kh - 1) - 1) // sy + 1, (wp - dx * (kw - 1) - 1) // sx + 1)
             found = self.out_hw[0] * self.out_hw[1]
-            self._a_phases: Dict[Tuple[int, int], Tensor] = {}
+            # each kernel offset lies in one phase (modulo the stride) at an offset within its grid
+            offsets = []
+            for ky in range(kh):
+                for kx in range(kw):
+                    (oy, cy), (ox, cx) = divmod(ky * dy, sy), divmod(kx * dx, sx)
+                    offsets.append((cy * sx + cx, oy, ox))
+            self.phases = sorted({p for p, _, _ in offsets})
+            self.offsets = [(self.phases.index(p), oy, ox) for p, oy, ox in offsets]
+            self.grid = (-(-hp // sy), -(-wp // sx))
         if found != locations:
             raise NotCovered(f"{type(mod).__name__}: {locations} output locations but {found} input patches")
 
@@ -315,10 +347,27 @@ class _Patches:
             return t  # the module padded its input itself (reflect, circular...) before the operation
         return F.pad(t, self.pads, mode=self.mode) if any(self.pads) else t
 
-    def _phase(self, t: Tensor, cy: int, cx: int) -> Tensor:
-        """The pixels of phase ``(cy, cx)`` modulo the stride, ``(n, C, P)``."""
-        sy, sx = self.stride
-        return t[:, :, cy::sy, cx::sx].reshape(t.shape[0], t.shape[1], -1)
+    def _phased(self, t: Tensor, op_input: bool = False) -> Tensor:
+        """The padded input split by phase modulo the stride, ``(n, phases, C, H_c W_c)`` (one copy:
+        the padding; pixels past the padded image are zeros that no patch reaches)."""
+        (sy, sx), (hc, wc) = self.stride, self.grid
+        hp, wp = self.padded_shape[-2:]
+        extra = [0, wc * sx - wp, 0, hc * sy - hp]
+        if self.mode == "constant" and not op_input:
+            t = t.unsqueeze(-2) if self.conv1d else t
+            tp = F.pad(t, [p + e for p, e in zip(self.pads, extra)]) if any(self.pads) or any(extra) else t
+        else:
+            tp = self._padded(t, op_input)
+            tp = F.pad(tp, extra) if any(extra) else tp
+        n, c = tp.shape[:2]
+        if tp.shape[2:] != (hc * sy, wc * sx):
+            raise NotCovered(f"{type(self.mod).__name__}: the layer input changed shape between passes")
+        if sy * sx == 1:
+            return tp.reshape(n, 1, c, hc * wc)
+        tp = tp.reshape(n, c, hc, sy, wc, sx).permute(0, 3, 5, 1, 2, 4)
+        if len(self.phases) < sy * sx:
+            tp = tp.reshape(n, sy * sx, c, hc, wc)[:, self.phases]
+        return tp.reshape(n, len(self.phases), c, hc * wc)
 
     def gram(self, x: Tensor, op_input: bool = False) -> Tensor:
         """``A_i^T unfold(x_i)`` per sample, ``(n, L, L_x)``, for an input ``x`` of the same layer
@@ -327,26 +376,13 @@ class _Patches:
         n = x.shape[0]
         if self.linear:
             return torch.bmm(self.rows_of_a, x.reshape(n, -1, x.shape[-1]).transpose(1, 2))
-        xp = self._padded(x, op_input)
-        if xp.shape[1:] != self.padded_shape:
-            raise NotCovered(f"{type(self.mod).__name__}: the layer input changed shape between passes")
-        (kh, kw), (sy, sx), (dy, dx) = self.kernel, self.stride, self.dilation
-        ho, wo = self.out_hw
-        grams: Dict[Tuple[int, int], Tensor] = {}
-        total: Optional[Tensor] = None
-        for ky in range(kh):
-            for kx in range(kw):
-                (oy, cy), (ox, cx) = divmod(ky * dy, sy), divmod(kx * dx, sx)
-                if (cy, cx) not in grams:
-                    if (cy, cx) not in self._a_phases:
-                        self._a_phases[cy, cx] = self._phase(self._padded(self.a), cy, cx).transpose(1, 2)
-                    xc = xp[:, :, cy::sy, cx::sx]
-                    m = torch.bmm(self._a_phases[cy, cx], xc.reshape(n, xc.shape[1], -1))
-                    grams[cy, cx] = m.view(n, xc.shape[2], xc.shape[3], xc.shape[2], xc.shape[3])
-                part = grams[cy, cx][:, oy : oy + ho, ox : ox + wo, oy : oy + ho, ox : ox + wo]
-                total = part if total is None else total + part
-        assert total is not None
-        return total.reshape(n, ho * wo, ho * wo)
+        (hc, wc), (ho, wo), ph = self.grid, self.out_hw, len(self.phases)
+        if self._a_phased is None:
+            self._a_phased = self._phased(self.a).transpose(-1, -2).reshape(n * ph, hc * wc, -1)
+        xs = self._phased(x, op_input)
+        m = torch.bmm(self._a_phased, xs.reshape(n * ph, xs.shape[2], hc * wc))  # (n phases, P, P)
+        k = _SliceSum.apply(m.view(n, ph, hc, wc, hc, wc), self.offsets, ho, wo)
+        return k.reshape(n, ho * wo, ho * wo)
 
     def matrix(self) -> Tensor:
         """The patches themselves, ``(n, L, cols)`` (unfolded: for a dense expansion only)."""
