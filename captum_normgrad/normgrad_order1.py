@@ -133,8 +133,10 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                         many locations, low-rank corrections ``G_i (A_i^T x)`` where it
                         has few); it serves models whose trainable parameters belong to
                         Conv1d/Conv2d/Linear/eval-BatchNorm modules each called once per
-                        pass, batch-first layers, and the finite-difference and
-                        lookahead modes. ``"loop"``: a loop of batch-1 passes with plain
+                        pass, batch-first layers, samples that do not interact
+                        (checked once per call signature: modules, training flags,
+                        hooks, trainable parameters, input shapes), and the
+                        finite-difference and lookahead modes. ``"loop"``: a loop of batch-1 passes with plain
                         autograd (any model; the model's own backward hooks run).
                         ``"vmap"``: ``torch.func.vmap`` over the samples. ``"auto"``:
                         ``"batched"`` where it applies, otherwise ``"vmap"`` on CUDA and
@@ -190,6 +192,10 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         self._outs: List[Tensor] = []
         #: the strategy the last ``attribute`` call ran ("batched", "loop" or "vmap")
         self.last_strategy: Optional[str] = None
+        self._probe_out: Optional[Tensor] = None
+        self._probe_checked = False
+        # what the probe found for call signatures that ran batched (see _signature)
+        self._probed: Dict[Tuple[Any, ...], Tuple[List[int], List[List[torch.Size]], Tuple[int, ...]]] = {}
 
     @staticmethod
     def _check_execution(strategy: Optional[str], chunk_size: Optional[int], compute_dtype: Any) -> None:
@@ -381,11 +387,21 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         options: Tuple[Any, ...] = (epsilon, adversarial, hessian, h, compute_dtype, layers, virtual_layer)
         options += (aggregation, weights_grid, channel_dim, attr_dim_summation)
 
+        key = self._signature(inputs_t, extra, batched_extra, where, layer_call)
+        known = self._probed.get(key) if psm.strategy == "batched" and hessian != "exact" else None
         with psm.hooked():
-            # one forward pass of one example: layer call counts and shapes, and the output shape
-            self._probe_out = psm.probe(inputs_t, extra)
-            self._probe_checked = False
-            out_shape = self._output_shape(self._probe_out, n)
+            if known is None:
+                # one forward pass of one example: layer call counts and shapes, the output shape, and
+                # (batched strategy) the reference of the check that the samples do not interact
+                probe_out = psm.probe(inputs_t, extra)
+                self._probe_out, self._probe_checked = probe_out, False
+                example_shape = tuple(probe_out.shape[1:])
+            else:
+                # this signature already passed the probe and the check in a batched call
+                psm.chosen, psm.slots = list(known[0]), [list(s) for s in known[1]]
+                self._probe_out, self._probe_checked = None, True
+                example_shape = known[2]
+            out_shape = self._output_shape(example_shape, n)
             targets = _target_rows(target, out_shape, device)
             self._warn_constant_objective(out_shape)
             if psm.strategy == "batched":
@@ -407,6 +423,10 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
                 outs = torch.cat([o.to(self._outs[0].dtype) for o in self._outs])
                 self._check_per_example(psm, inputs_t, extra, outs, psm.trainable)
         self.last_strategy = psm.strategy
+        if psm.strategy == "batched" and self._probe_out is not None and self._probe_checked:
+            if len(self._probed) >= 16:
+                self._probed.pop(next(iter(self._probed)))
+            self._probed[key] = (list(psm.chosen), [list(s) for s in psm.slots], example_shape)
         self._outs = []
         maps = [torch.cat(ms, 0) for ms in per_slot]
         results: List[Union[Tensor, Tuple[Tensor, ...]]] = []
@@ -450,7 +470,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
     def _check_batched_output(self, psm: PerSampleModel, outs: Tensor) -> None:
         """The batched strategy runs the samples together: the first example's output must equal its
         output alone (the probe), or the model mixes the samples (then the per-sample loop is used)."""
-        if psm.strategy != "batched" or self._probe_checked:
+        if psm.strategy != "batched" or self._probe_checked or self._probe_out is None:
             return
         self._probe_checked = True
         check_independent(outs[:1], self._probe_out.to(outs.dtype))
@@ -496,9 +516,41 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
 
         return wrapped
 
-    def _output_shape(self, out: Tensor, n: int) -> Tuple[int, ...]:
-        """The batch's output shape from one example's output (validated before any expensive pass)."""
-        shape = (n, *out.shape[1:])
+    def _signature(
+        self,
+        inputs_t: Tuple[Tensor, ...],
+        extra: Tuple[Any, ...],
+        batched_extra: Tuple[bool, ...],
+        where: str,
+        layer_call: Optional[int],
+    ) -> Tuple[Any, ...]:
+        """What the probe's findings depend on: the model's modules (identity, training flag, hooks),
+        its parameters (identity, requires_grad), the inputs' and extra arguments' shapes, dtypes and devices (other
+        extra arguments by value or identity), and which tensors of which call are attributed."""
+        modules = tuple(
+            (
+                id(m),
+                m.training,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(m._backward_pre_hooks),
+            )
+            for m in self.model.modules()
+        )
+        params = tuple((id(p), p.requires_grad) for p in self.model.parameters())
+        ins = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs_t)
+        ex = tuple(
+            (tuple(e.shape), e.dtype, e.device)
+            if isinstance(e, Tensor)
+            else (type(e), e if isinstance(e, (bool, int, float, str, type(None))) else id(e))
+            for e in extra
+        )
+        return (modules, params, ins, ex, batched_extra, where, layer_call)
+
+    def _output_shape(self, example_shape: Tuple[int, ...], n: int) -> Tuple[int, ...]:
+        """The batch's output shape from one example's (validated before any expensive pass)."""
+        shape = (n, *example_shape)
         if self.loss_fn is None and len(shape) != 2:
             raise ValueError(
                 f"the default cross-entropy needs outputs shaped (N, classes), got {shape}; tuple targets "

@@ -315,6 +315,46 @@ def test_an_input_overwritten_in_place_is_refused_not_misread() -> None:
         ParameterSaliency(model, mode="naive", strategy="batched").profiles(x, torch.tensor([0, 1, 2]))
 
 
+class BatchMeanOut(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return h - h.mean(0, keepdim=True)
+
+
+def test_the_probe_runs_once_per_call_signature() -> None:
+    """The batch-1 probe (layer shapes, and the reference of the check that the samples do not
+    interact) runs on the first batched call of each signature; a change of input shape, module,
+    training flag or trainable set runs it again, and a module swapped for a mixing one is caught."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Identity(), nn.Linear(16, 4),
+    ).double().eval()
+    sizes: List[int] = []
+    model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    x, t = images(3, 8, 1), [0, 1, 2]
+    attr = order1(model, "3", "auto")
+
+    def probes(inputs: Tensor) -> int:
+        sizes.clear()
+        attr.attribute(inputs, t, epsilon=5e-2)
+        return sizes.count(1)
+
+    assert probes(x) == 1 and attr.last_strategy == "batched"
+    first = attr.attribute(x, t, epsilon=5e-2)
+    assert probes(x) == 0 and probes(images(3, 8, 2)) == 0  # same signature, other values
+    assert rel(first, order1(model, "3", "loop").attribute(x, t, epsilon=5e-2)) < 1e-10
+    assert probes(images(3, 10, 1)) == 1  # another input size
+    model[0].weight.requires_grad_(False)
+    assert probes(x) == 1  # another trainable set
+    model[0].weight.requires_grad_(True)
+    model[8] = nn.Linear(16, 4).double()
+    assert probes(x) == 1  # another module
+    model[7] = BatchMeanOut()  # now the samples interact: checked again, and caught
+    got = attr.attribute(x, t, epsilon=5e-2)
+    assert attr.last_strategy == "loop"
+    assert rel(got, order1(model, "3", "loop").attribute(x, t, epsilon=5e-2)) == 0.0
+
+
 def test_exact_hessian_runs_per_sample() -> None:
     model = tv_model("resnet18")
     x, t = images(2, 32, 9), [0, 1]
