@@ -369,18 +369,22 @@ class _Patches:
             tp = tp.reshape(n, sy * sx, c, hc, wc)[:, self.phases]
         return tp.reshape(n, len(self.phases), c, hc * wc)
 
-    def gram(self, x: Tensor, op_input: bool = False) -> Tensor:
+    def gram(self, x: Optional[Tensor] = None, op_input: bool = False) -> Tensor:
         """``A_i^T unfold(x_i)`` per sample, ``(n, L, L_x)``, for an input ``x`` of the same layer
-        (``op_input``: ``x`` is the input of the convolution operation, after the module's own
-        padding where its padding mode is not zeros)."""
-        n = x.shape[0]
+        (None: ``a`` itself; ``op_input``: ``x`` is the input of the convolution operation, after the
+        module's own padding where its padding mode is not zeros)."""
+        n = self.a.shape[0]
         if self.linear:
-            return torch.bmm(self.rows_of_a, x.reshape(n, -1, x.shape[-1]).transpose(1, 2))
+            rows_of_x = self.rows_of_a if x is None else x.reshape(n, -1, x.shape[-1])
+            return torch.bmm(self.rows_of_a, rows_of_x.transpose(1, 2))
         (hc, wc), (ho, wo), ph = self.grid, self.out_hw, len(self.phases)
         if self._a_phased is None:
             self._a_phased = self._phased(self.a).transpose(-1, -2).reshape(n * ph, hc * wc, -1)
-        xs = self._phased(x, op_input)
-        m = torch.bmm(self._a_phased, xs.reshape(n * ph, xs.shape[2], hc * wc))  # (n phases, P, P)
+        if x is None:
+            xs = self._a_phased.transpose(1, 2)
+        else:
+            xs = self._phased(x, op_input).reshape(n * ph, -1, hc * wc)
+        m = torch.bmm(self._a_phased, xs)  # (n phases, P, P)
         k = _SliceSum.apply(m.view(n, ph, hc, wc, hc, wc), self.offsets, ho, wo)
         return k.reshape(n, ho * wo, ho * wo)
 
@@ -416,10 +420,14 @@ class SampleGrads:
     def sq_norms(self) -> Tensor:
         """``||grad_i||^2`` summed over all parameters, ``(n,)``; a factored weight uses
         ``||G A^T||_F^2 = sum((G^T G) * (A^T A))`` and is never expanded."""
-        parts = [d.reshape(self.n, -1).square().sum(1) for d in self.dense.values()]
+        flat = [d.reshape(self.n, -1) for d in self.dense.values()]
+        # the many small gradients (biases, BatchNorm) in one reduction
+        small = [f for f in flat if f.shape[1] <= 4096]
+        parts = [f.square().sum(1) for f in flat if f.shape[1] > 4096]
+        if small:
+            parts.append(torch.cat(small, 1).square().sum(1))
         parts += [
-            (torch.bmm(g.transpose(1, 2), g) * patches.gram(patches.a)).sum((1, 2))
-            for g, patches in self.factors.values()
+            (torch.bmm(g.transpose(1, 2), g) * patches.gram()).sum((1, 2)) for g, patches in self.factors.values()
         ]
         if not parts:
             return torch.zeros(self.n, **self.factory)
