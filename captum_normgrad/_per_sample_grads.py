@@ -541,7 +541,11 @@ class _Offsets:
             grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
                 math.prod(strides)
             )
-            if (pointwise or grouped) and self.leaves is not None and name is not None:
+            # where the gradient of a 1x1 convolution is better kept factored (_factor_pays), the hooks
+            # collect it; elsewhere the per-sample weights are autograd leaves (one weight gradient kernel)
+            locations = math.prod(-(-size // st) for size, st in zip(x.shape[2:], strides))
+            factored = not isinstance(padding, str) and locations * (w.shape[0] + w.shape[1]) * 4 <= w.shape[0] * w.shape[1]
+            if ((pointwise and not factored) or grouped) and self.leaves is not None and name is not None:
                 ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
                 self.leaves[name] = ws
             if ws is None:
