@@ -548,7 +548,9 @@ class _Offsets:
             # where the gradient of a 1x1 convolution is better kept factored (_factor_pays), the hooks
             # collect it; elsewhere the per-sample weights are autograd leaves (one weight gradient kernel)
             locations = math.prod(-(-size // st) for size, st in zip(x.shape[2:], strides))
-            factored = not isinstance(padding, str) and locations * (w.shape[0] + w.shape[1]) * 4 <= w.shape[0] * w.shape[1]
+            factored = (
+                not isinstance(padding, str) and locations * (w.shape[0] + w.shape[1]) * 4 <= w.shape[0] * w.shape[1]
+            )
             if ((pointwise and not factored) or grouped) and self.leaves is not None and name is not None:
                 ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
                 self.leaves[name] = ws
@@ -557,7 +559,7 @@ class _Offsets:
                     return func(*args, **kwargs)
                 out = func(x, w, None, stride, padding, dilation, groups)
             elif pointwise:
-                xs = x[(slice(None), slice(None), *(slice(None, None, st) for st in strides))]
+                xs = x[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)]
                 out = torch.bmm(ws.reshape(n, w.shape[0], w.shape[1]), xs.reshape(n, w.shape[1], -1))
                 out = out.reshape(n, w.shape[0], *xs.shape[2:])
             elif grouped:
