@@ -519,3 +519,51 @@ def test_more_torchvision_architectures_equal_the_loop(name: str, layer: str, ex
     ref = order1(model, layer, "loop").attribute(x, t, epsilon=5e-2)
     assert ref.abs().max() > 0
     assert rel(got, ref) < 1e-10
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dim=st.sampled_from([1, 2]),
+    cin=st.sampled_from([1, 3]),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.sampled_from([1, 2, 3]),
+    padding=st.sampled_from([0, 1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["zeros", "reflect", "circular", "replicate"]),
+    size=st.integers(6, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_property_patch_products_from_pixel_grams_equal_unfolded_patches(
+    dim, cin, kernel, stride, padding, dilation, mode, size, seed
+) -> None:
+    """The factored gradients' patch products ``A_i^T unfold(x_i)``, computed from pixel Gram
+    matrices per stride phase, equal the products of explicitly unfolded patches (float64), for the
+    layer's own input and for a new input, whatever the stride, dilation and padding mode."""
+    from captum_normgrad._per_sample_grads import _Patches
+
+    if mode == "reflect" and padding >= size // 2:
+        padding = 1
+    conv_cls = nn.Conv1d if dim == 1 else nn.Conv2d
+    conv = conv_cls(cin, 4, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=mode).double()
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, cin, size) if dim == 1 else (2, cin, size, size)
+    a, x = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    reference_out = conv(a)
+    locations = reference_out[0, 0].numel()
+
+    def patches(t: Tensor) -> Tensor:  # (n, cols, L), by hand: pad as the module does, then unfold
+        t4 = t.unsqueeze(2) if dim == 1 else t
+        pads = [padding] * 2 + ([0, 0] if dim == 1 else [padding] * 2)
+        if padding:
+            t4 = F.pad(t4, pads, mode="constant" if mode == "zeros" else mode)
+        k = (1, kernel) if dim == 1 else (kernel, kernel)
+        s = (1, stride) if dim == 1 else (stride, stride)
+        d = (1, dilation) if dim == 1 else (dilation, dilation)
+        return F.unfold(t4, k, dilation=d, stride=s)
+
+    p = _Patches(conv, a, locations)
+    assert rel(p.gram(), patches(a).transpose(1, 2) @ patches(a)) < 1e-12
+    assert rel(p.gram(x), patches(a).transpose(1, 2) @ patches(x)) < 1e-12
+    # the convolution operation of a non-zeros padding mode receives the input padded by the module
+    op_input = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode) if mode != "zeros" and padding else x
+    assert rel(p.gram(op_input, op_input=True), patches(a).transpose(1, 2) @ patches(x)) < 1e-12
