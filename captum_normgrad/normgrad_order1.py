@@ -524,12 +524,13 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
         where: str,
         layer_call: Optional[int],
     ) -> Tuple[Any, ...]:
-        """What the probe's findings depend on: the model's modules (identity, training flag, hooks),
-        its parameters (identity, requires_grad), the inputs' and extra arguments' shapes, dtypes and devices (other
+        """What the probe's findings depend on: the model's modules (identity, type, training flag,
+        hooks), its parameters (identity, shape, requires_grad), the inputs' and extra arguments' shapes, dtypes and devices (other
         extra arguments by value or identity), and which tensors of which call are attributed."""
         modules = tuple(
             (
                 id(m),
+                type(m),
                 m.training,
                 len(m._forward_hooks),
                 len(m._forward_pre_hooks),
@@ -538,7 +539,7 @@ class LayerNormGradOrder1(LayerAttribution, GradientAttribution):
             )
             for m in self.model.modules()
         )
-        params = tuple((id(p), p.requires_grad) for p in self.model.parameters())
+        params = tuple((id(p), tuple(p.shape), p.requires_grad) for p in self.model.parameters())
         ins = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs_t)
         ex = tuple(
             (tuple(e.shape), e.dtype, e.device)
