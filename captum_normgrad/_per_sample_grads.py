@@ -443,9 +443,10 @@ class SampleGrads:
         return torch.zeros((self.n, *shape), **self.factory)
 
 
-def _factor_pays(mod: Any, rows: int, cols: int, locations: int) -> bool:
-    """Keep a weight gradient factored where that takes at most a quarter of its dense size."""
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (mod.groups != 1 or isinstance(mod.padding, str)):
+def _factor_pays(rows: int, cols: int, locations: int, groups: int = 1, padding: Any = 0) -> bool:
+    """Keep a weight gradient factored where that takes at most a quarter of its dense size (not for
+    grouped convolutions or string padding)."""
+    if groups != 1 or isinstance(padding, str):
         return False
     return locations * (rows + cols) * 4 <= rows * cols
 
@@ -460,7 +461,7 @@ def _collect(mod: Any, attr: str, a: Tensor, g: Tensor, out: SampleGrads, name: 
     rows, cols = w.shape[0], w[0].numel()
     linear = isinstance(mod, nn.Linear)
     gf = g.reshape(n, -1, rows).transpose(1, 2) if linear else g.reshape(n, rows, -1)
-    if _factor_pays(mod, rows, cols, gf.shape[-1]):
+    if _factor_pays(rows, cols, gf.shape[-1], getattr(mod, "groups", 1), getattr(mod, "padding", 0)):
         out.factors[name] = (gf.contiguous(), _Patches(mod, a, gf.shape[-1]))
         return
     dense = torch.empty((n, *w.shape), dtype=g.dtype, device=g.device)
@@ -545,12 +546,12 @@ class _Offsets:
             grouped = x.shape[1] // groups >= _GROUPED_MIN_CHANNELS and x[0, 0].numel() >= _GROUPED_MIN_LOCATIONS * (
                 math.prod(strides)
             )
-            # where the gradient of a 1x1 convolution is better kept factored (_factor_pays), the hooks
-            # collect it; elsewhere the per-sample weights are autograd leaves (one weight gradient kernel)
-            locations = math.prod(-(-size // st) for size, st in zip(x.shape[2:], strides))
-            factored = (
-                not isinstance(padding, str) and locations * (w.shape[0] + w.shape[1]) * 4 <= w.shape[0] * w.shape[1]
-            )
+            # where the gradient of a 1x1 convolution is better kept factored, the hooks collect it;
+            # elsewhere the per-sample weights are autograd leaves (one weight gradient kernel)
+            factored = False
+            if pointwise:
+                locations = math.prod(-(-size // st) for size, st in zip(x.shape[2:], strides))
+                factored = _factor_pays(w.shape[0], w.shape[1], locations, groups, padding)
             if ((pointwise and not factored) or grouped) and self.leaves is not None and name is not None:
                 ws = (ws if ws is not None else w.unsqueeze(0).expand(n, *w.shape)).detach().requires_grad_()
                 self.leaves[name] = ws
