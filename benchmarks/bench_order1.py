@@ -289,7 +289,12 @@ def to_markdown(payload: Dict[str, Any]) -> str:
         "",
         "**Time per image, ms (ratio to order 0)** — targets (issue #14): finite difference <= "
         + ", ".join(f"{v:g}x at {k}" for k, v in TARGET_ORDER1.items())
-        + f": {ok[tg['order1_over_order0_met']]} (worst {tg['order1_over_order0_worst']:.1f}x); lookahead <= "
+        + f": {ok[tg['order1_over_order0_met']]} (worst per layer: "
+        + ", ".join(
+            f"{layer} {max(r['finite_difference_over_order0'] for r in res['speed'] if r['layer'] == layer):.1f}x"
+            for layer in dict.fromkeys(r["layer"] for r in res["speed"])
+        )
+        + "); lookahead <= "
         f"{TARGET_LOOKAHEAD:g}x: {ok[tg.get('lookahead_over_order0_met', False)]} "
         f"(worst {tg.get('lookahead_over_order0_worst', float('nan')):.1f}x)",
         "",
