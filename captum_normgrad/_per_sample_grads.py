@@ -315,6 +315,7 @@ class _Patches:
         self.a = a
         self.linear = isinstance(mod, nn.Linear)
         self._a_phased: Optional[Tensor] = None
+        self._filters: Optional[Tensor] = None
         if self.linear:
             self.rows_of_a = a.reshape(a.shape[0], -1, mod.weight.shape[1])
             found = self.rows_of_a.shape[1]
@@ -377,6 +378,8 @@ class _Patches:
         if self.linear:
             rows_of_x = self.rows_of_a if x is None else x.reshape(n, -1, x.shape[-1])
             return torch.bmm(self.rows_of_a, rows_of_x.transpose(1, 2))
+        if x is not None and op_input and max(self.stride) > 1:
+            return self._filter_products(x)
         (hc, wc), (ho, wo), ph = self.grid, self.out_hw, len(self.phases)
         if self._a_phased is None:
             self._a_phased = self._phased(self.a).transpose(-1, -2).reshape(n * ph, hc * wc, -1)
@@ -387,6 +390,20 @@ class _Patches:
         m = torch.bmm(self._a_phased, xs)  # (n phases, P, P)
         k = _SliceSum.apply(m.view(n, ph, hc, wc, hc, wc), self.offsets, ho, wo)
         return k.reshape(n, ho * wo, ho * wo)
+
+    def _filter_products(self, x: Tensor) -> Tensor:
+        """``A_i^T unfold(x_i)`` as one grouped convolution of the operation's input with the
+        ``L`` patches of each sample as filters: fewer operations than the phase-split Gram
+        matrices for strided layers (resnet18's stride-2 convolutions: up to 2x faster)."""
+        n, ho, wo = self.a.shape[0], *self.out_hw
+        if self._filters is None:
+            self._filters = self.matrix().reshape(n * ho * wo, *self.mod.weight.shape[1:]).contiguous()
+        mod = self.mod
+        padding = 0 if self.mode != "constant" else mod.padding  # other modes: x is padded already
+        conv = F.conv1d if self.conv1d else F.conv2d
+        flat = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        k = conv(flat, self._filters, None, mod.stride, padding, mod.dilation, n)
+        return k.reshape(n, ho * wo, -1)
 
     def matrix(self) -> Tensor:
         """The patches themselves, ``(n, L, cols)`` (unfolded: for a dense expansion only)."""
